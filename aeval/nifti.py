@@ -1,0 +1,153 @@
+"""NIfTI reading and writing with the project's two rules: bad input is one clear line naming the file,
+and nothing is ever left half-written (write to a temporary name in the same folder, then rename)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class CaseError(Exception):
+    """A problem with one input file; ``str(err)`` is the one line shown to the user."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def load_nifti(path: str | os.PathLike, *, ndim: int = 3) -> nib.Nifti1Image:
+    """Open a NIfTI image and check it is readable and ``ndim``-dimensional (data is read lazily)."""
+    path = Path(path)
+    if not path.exists():
+        raise CaseError(path, "file not found")
+    try:
+        img = nib.load(str(path))
+        shape = img.shape
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise CaseError(path, f"unreadable NIfTI ({type(err).__name__}: {err})") from None
+    if len(shape) == 4 and shape[3] == 1:
+        img = img.slicer[..., 0]
+    if len(img.shape) != ndim:
+        raise CaseError(path, f"expected a {ndim}-D image, got shape {tuple(shape)}")
+    return img
+
+
+def read_array(img: nib.Nifti1Image, path: str | os.PathLike, dtype=None) -> np.ndarray:
+    """The voxel data (scaled, as ``dtype`` if given); a truncated or corrupt payload is a CaseError."""
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:
+        raise CaseError(path, f"unreadable voxel data ({type(err).__name__}: {err})") from None
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    return data
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """An intensity image as float32, refusing NaN/inf values."""
+    img = load_nifti(path)
+    data = read_array(img, path, np.float32)
+    if not np.isfinite(data).all():
+        raise CaseError(path, "image contains NaN or infinite intensities")
+    return data, img
+
+
+def read_label(path: str | os.PathLike) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """A label map as integers (non-integer values are an error)."""
+    img = load_nifti(path)
+    data = read_array(img, path)
+    if data.dtype.kind == "f":
+        if not np.isfinite(data).all() or np.any(data != np.round(data)):
+            raise CaseError(path, "label map has non-integer values")
+    return data.astype(np.int32 if data.dtype.itemsize > 1 or data.dtype.kind == "f" else data.dtype), img
+
+
+def check_same_geometry(
+    image: nib.Nifti1Image, label: nib.Nifti1Image, label_path: str | os.PathLike, atol: float = 1e-3
+) -> None:
+    """Image and label must share shape and affine (within ``atol`` mm)."""
+    if tuple(image.shape[:3]) != tuple(label.shape[:3]):
+        raise CaseError(label_path, f"shape {tuple(label.shape)} does not match image shape {tuple(image.shape)}")
+    if not np.allclose(image.affine, label.affine, atol=atol):
+        raise CaseError(label_path, "affine does not match the image's affine")
+
+
+def spacing_of(img: nib.Nifti1Image) -> tuple[float, float, float]:
+    """Voxel size in array-axis order, from the header zooms (what the published scoring uses)."""
+    return tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it is renamed onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
+               header: nib.Nifti1Header | None = None) -> Path:
+    """Write atomically; with ``header`` the original header (qform/sform codes, units) is kept."""
+    img = nib.Nifti1Image(data, affine, header=header)
+    if header is not None:
+        img.set_data_dtype(data.dtype)
+        img.header.set_slope_inter(1, 0)
+        img.set_qform(affine, code=int(header["qform_code"]) or 1)
+        img.set_sform(affine, code=int(header["sform_code"]) or 1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+class FailureLog:
+    """Collects per-case failures of a batch command: each is printed as one line when it happens and
+    the batch carries on; :meth:`exit_code` is non-zero when anything failed."""
+
+    def __init__(self, printer: Callable[[str], None] | None = None):
+        self.failures: list[str] = []
+        self._print = printer or (lambda line: print(line, flush=True))
+
+    def add(self, err: Exception | str, path: str | os.PathLike | None = None) -> None:
+        if isinstance(err, CaseError) or path is None:
+            line = str(err)
+        else:
+            line = f"{path}: {type(err).__name__}: {err}" if not isinstance(err, str) else f"{path}: {err}"
+        self.failures.append(line)
+        self._print(f"[error] {line}")
+
+    @contextmanager
+    def case(self, path: str | os.PathLike) -> Iterator[None]:
+        """Run one case; any error becomes a failure line instead of a traceback."""
+        try:
+            yield
+        except (CaseError, ValueError, OSError, RuntimeError) as err:
+            self.add(err if isinstance(err, CaseError) else CaseError(path, str(err)))
+
+    def summary(self) -> str:
+        if not self.failures:
+            return "no failures"
+        return f"{len(self.failures)} failed:\n" + "\n".join(f"  {line}" for line in self.failures)
+
+    def exit_code(self, code: int = 2) -> int:
+        return code if self.failures else 0
