@@ -1,0 +1,1 @@
+"""Datasets: registry, raw-layout converters, synthetic A-Eval-mini, planning, preprocessing, loading."""

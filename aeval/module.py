@@ -1,0 +1,150 @@
+"""The LightningModule: STU-Net trained the nnU-Net way (Dice+CE with deep supervision, SGD Nesterov,
+poly learning rate), validated with per-organ Dice in the FLARE22 training space."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from aeval.labels import FLARE22_ORGANS
+from aeval.models.pretrained import load_pretrained
+from aeval.models.stunet import build_stunet
+
+
+def deep_supervision_weights(n_outputs: int) -> list[float]:
+    """nnU-Net's weights: 1, 1/2, 1/4, ... with the lowest resolution switched off, normalised to sum 1."""
+    weights = [0.5**i for i in range(n_outputs)]
+    if n_outputs > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+class STUNetModule(L.LightningModule):
+    """Wraps :class:`~aeval.models.stunet.STUNet`; everything needed to rebuild the network and its
+    preprocessing (model settings, plan) is saved in the checkpoint's hyper-parameters."""
+
+    def __init__(self, model: dict[str, Any], plan: dict[str, Any], optim: dict[str, Any] | None = None,
+                 max_epochs: int = 1000, label_space: str = "flare22") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        optim = {"lr": 0.01, "momentum": 0.99, "weight_decay": 3e-5, "nesterov": True, "poly_exponent": 0.9,
+                 **(optim or {})}
+        self.optim = optim
+        pools = model.get("pool_op_kernel_sizes") or plan.get("pool_op_kernel_sizes")
+        self.net = build_stunet(model["size"], model.get("in_channels", 1), model.get("num_classes", 14),
+                                pool_op_kernel_sizes=pools, deep_supervision=True)
+        if model.get("pretrained"):
+            load_pretrained(self.net, model["pretrained"])
+        self.num_classes = self.net.num_classes
+        self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
+                               smooth_nr=1e-5, smooth_dr=1e-5)
+        self.ds_weights = deep_supervision_weights(len(self.net.pool_op_kernel_sizes))
+        self.class_names = list(FLARE22_ORGANS)[: self.num_classes - 1]
+        self._val_counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.net(x)
+
+    def compute_loss(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Weighted Dice+CE over the deep-supervision outputs (targets full resolution first)."""
+        total = outputs[0].new_zeros(())
+        for weight, logits, target in zip(self.ds_weights, outputs, targets, strict=False):
+            if weight:
+                total = total + weight * self.loss(logits.float(), target)
+        return total
+
+    def _targets(self, batch: dict[str, Any], outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if "targets_ds" in batch:
+            return list(batch["targets_ds"])
+        target = batch["target"].float()
+        return [target if o.shape[2:] == target.shape[2:] else
+                nn.functional.interpolate(target, size=o.shape[2:], mode="nearest-exact") for o in outputs]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        outputs = self.net(batch["image"])
+        loss = self.compute_loss(outputs, self._targets(batch, outputs))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        outputs = self.net(batch["image"])
+        loss = self.compute_loss(outputs, self._targets(batch, outputs))
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch["image"]))
+        prediction = outputs[0].argmax(1)
+        target = batch["target"][:, 0].long()
+        classes = torch.arange(1, self.num_classes, device=prediction.device).view(-1, 1, 1, 1, 1)
+        pred_1h, target_1h = prediction.unsqueeze(0) == classes, target.unsqueeze(0) == classes
+        dims = (1, 2, 3, 4)
+        counts = torch.stack([(pred_1h & target_1h).sum(dims), pred_1h.sum(dims), target_1h.sum(dims)])
+        self._val_counts += counts.to(self._val_counts)
+        if batch_idx == 0:
+            self._log_overlay(batch["image"][0, 0], target[0], prediction[0])
+
+    def on_validation_epoch_end(self) -> None:
+        counts = self.all_gather(self._val_counts)
+        if counts.dim() == 3:  # gathered from several processes
+            counts = counts.sum(0)
+        inter, pred, true = counts
+        present = true > 0
+        dice = torch.where(present, 2 * inter / (pred + true).clamp_min(1), torch.nan)
+        for name, value in zip(self.class_names, dice, strict=True):
+            if not torch.isnan(value):
+                self.log(f"val/dice_{name}", value.float(), sync_dist=False)
+        mean = dice[present].mean() if present.any() else torch.zeros((), device=dice.device)
+        self.log("val/dice_mean", mean.float(), prog_bar=True, sync_dist=False)
+
+    def _log_overlay(self, image: torch.Tensor, target: torch.Tensor, prediction: torch.Tensor) -> None:
+        """A mid-slice picture (image | ground truth | prediction) for loggers that take images (W&B)."""
+        log_image = getattr(self.logger, "log_image", None)
+        if log_image is None or self.trainer.sanity_checking:
+            return
+        z = int(target.sum((0, 1)).argmax()) if target.any() else target.shape[-1] // 2
+        picture = overlay_panels(image[..., z].float().cpu().numpy(), target[..., z].cpu().numpy(),
+                                 prediction[..., z].cpu().numpy())
+        log_image(key="val/overlay", images=[picture], caption=[f"epoch {self.current_epoch}, z={z}"],
+                  step=self.global_step)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        optimizer = torch.optim.SGD(self.parameters(), lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"],
+                                    weight_decay=o["weight_decay"])
+        max_epochs = max(1, int(self.hparams.max_epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: (1 - min(epoch, max_epochs - 1) / max_epochs) ** o["poly_exponent"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+_PALETTE = np.array([[0, 0, 0], [220, 60, 60], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                     [0, 128, 128], [220, 190, 255], [170, 110, 40]], dtype=np.float32) / 255
+
+
+def overlay_panels(image: np.ndarray, target: np.ndarray, prediction: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Three RGB panels side by side: the slice, the slice with labels, the slice with the prediction."""
+    lo, hi = np.percentile(image, (1, 99)) if image.size else (0, 1)
+    gray = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)[..., None].repeat(3, -1)
+
+    def tint(labels: np.ndarray) -> np.ndarray:
+        colours = _PALETTE[np.clip(labels, 0, len(_PALETTE) - 1)]
+        mask = (labels > 0)[..., None]
+        return np.where(mask, (1 - alpha) * gray + alpha * colours, gray)
+
+    panels = [gray, tint(target), tint(prediction)]
+    return (np.concatenate([np.rot90(p) for p in panels], axis=1) * 255).astype(np.uint8)

@@ -1,0 +1,96 @@
+"""``python -m aeval.prepare``: raw downloads (or the synthetic A-Eval-mini) -> unified datasets."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from aeval.data.convert import ConversionSummary, convert_dataset
+from aeval.data.registry import DatasetSpec
+from aeval.nifti import FailureLog
+
+console = Console()
+
+
+def prepare(datasets: Mapping[str, Mapping[str, Any]], data_root: str | Path, *, only: list[str] | None = None,
+            missing_ok: bool = True, num_workers: int = 1) -> tuple[list[ConversionSummary], FailureLog]:
+    """Convert the named datasets; per-case failures are collected, not raised."""
+    failures = FailureLog(printer=lambda line: console.print(f"[red]{line}[/red]", highlight=False))
+    summaries = []
+    names = list(only) if only else list(datasets)
+    unknown = [n for n in names if n not in datasets]
+    if unknown:
+        raise KeyError(f"unknown dataset(s) {unknown}; configured: {list(datasets)}")
+    with Progress(console=console, transient=True) as progress:
+        for name in names:
+            spec = DatasetSpec.from_config(datasets[name])
+            try:
+                summary = convert_dataset(spec, Path(data_root), num_workers=num_workers, failures=failures,
+                                          progress=progress)
+            except FileNotFoundError as err:
+                if not missing_ok:
+                    failures.add(str(err).split(": ", 1)[1], spec.raw_dir)
+                console.print(f"[yellow]skip {name}[/yellow]: {err}", highlight=False)
+                continue
+            summaries.append(summary)
+    return summaries, failures
+
+
+def summary_table(summaries: list[ConversionSummary]) -> Table:
+    table = Table(title="Unified datasets")
+    for column in ("dataset", "modality", "labels", "train", "test", "new/skipped", "spacing (mm)", "orientations",
+                   "labels present"):
+        table.add_column(column)
+    for s in summaries:
+        spacings = [c.spacing for c in s.cases] or [(0, 0, 0)]
+        low = [min(sp[i] for sp in spacings) for i in range(3)]
+        high = [max(sp[i] for sp in spacings) for i in range(3)]
+        present = sorted({v for c in s.cases for v in c.labels_present})
+        splits = s.per_split()
+        table.add_row(
+            s.name, s.modality, s.label_system, str(splits.get("train", 0)), str(splits.get("test", 0)),
+            f"{len(s.cases) - s.skipped}/{s.skipped}",
+            " x ".join(f"{a:.2g}-{b:.2g}" if a != b else f"{a:.2g}" for a, b in zip(low, high, strict=True)),
+            ",".join(sorted({c.orientation for c in s.cases})),
+            _ranges(present) or "-",
+        )
+    return table
+
+
+def _ranges(values: list[int]) -> str:
+    """[1,2,3,5] -> '1-3,5'."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    if cfg.synthetic:
+        from aeval.data.synthetic import generate_mini
+
+        generate_mini(cfg.paths.raw_root, OmegaConf.to_container(cfg.mini, resolve=True))
+        console.print(f"synthetic A-Eval-mini written to {cfg.paths.raw_root}")
+    datasets = OmegaConf.to_container(cfg.datasets, resolve=True)
+    summaries, failures = prepare(datasets, cfg.paths.data_root, only=cfg.only, missing_ok=cfg.missing_ok,
+                                  num_workers=cfg.num_workers)
+    console.print(summary_table(summaries))
+    console.print(f"unified datasets in {cfg.paths.data_root}; {failures.summary()}", highlight=False)
+    sys.exit(failures.exit_code())
+
+
+if __name__ == "__main__":
+    main()
