@@ -12,6 +12,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class CaseError(Exception):
     """A problem with one input file; ``str(err)`` is the one line shown to the user."""
@@ -93,6 +96,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the permissions open() would
     try:
         yield tmp
         os.replace(tmp, path)

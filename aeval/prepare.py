@@ -9,15 +9,13 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from aeval.console import console
 from aeval.data.convert import ConversionSummary, convert_dataset
 from aeval.data.registry import DatasetSpec
 from aeval.nifti import FailureLog
-
-console = Console()
 
 
 def prepare(datasets: Mapping[str, Mapping[str, Any]], data_root: str | Path, *, only: list[str] | None = None,

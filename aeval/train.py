@@ -18,16 +18,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
+from aeval.console import console
 from aeval.data.datamodule import AEvalDataModule
 from aeval.data.plan import plan_datasets
 from aeval.data.preprocess import preprocess_dataset
 from aeval.module import NonFiniteLossError, STUNetModule
 from aeval.nifti import write_text_atomic
 from aeval.tracking import build_loggers
-
-console = Console()
 
 
 @dataclass
