@@ -32,10 +32,11 @@ class NonFiniteLossError(RuntimeError):
 
 class STUNetModule(L.LightningModule):
     """Wraps :class:`~aeval.models.stunet.STUNet`; everything needed to rebuild the network and its
-    preprocessing (model settings, plan) is saved in the checkpoint's hyper-parameters."""
+    preprocessing (model settings, plan) and the run's key (protocol, training sets, model) is saved in
+    the checkpoint's hyper-parameters, so a checkpoint alone can be evaluated."""
 
     def __init__(self, model: dict[str, Any], plan: dict[str, Any], optim: dict[str, Any] | None = None,
-                 max_epochs: int = 1000, label_space: str = "flare22") -> None:
+                 max_epochs: int = 1000, label_space: str = "flare22", run_key: dict[str, str] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         optim = {"lr": 0.01, "momentum": 0.99, "weight_decay": 3e-5, "nesterov": True, "poly_exponent": 0.9,

@@ -47,6 +47,11 @@ def prepare_training_data(train_sets: list[str], paths: DictConfig, plan_overrid
     return plan, caches
 
 
+def run_key(cfg: DictConfig) -> dict[str, str]:
+    """What identifies this run's result cells: protocol, training set(s), model."""
+    return {"protocol": cfg.protocol.name, "train": "+".join(cfg.train_sets), "model": f"stu_{cfg.model.size}"}
+
+
 def resume_checkpoint(cfg: DictConfig) -> str | None:
     if cfg.get("ckpt_path"):
         return str(cfg.ckpt_path)
@@ -66,7 +71,7 @@ def train(cfg: DictConfig) -> TrainResult:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     module = STUNetModule(model=OmegaConf.to_container(cfg.model, resolve=True), plan=plan,
                           optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                          max_epochs=trainer_cfg["max_epochs"])
+                          max_epochs=trainer_cfg["max_epochs"], run_key=run_key(cfg))
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/dice_mean",
                                   mode="max", save_last=True, save_top_k=1, auto_insert_metric_name=False)
     loggers = build_loggers(OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None)

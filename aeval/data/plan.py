@@ -1,0 +1,348 @@
+"""Planning (nnU-Net v2 style): a fingerprint of the training data, then a plan derived from it.
+
+The fingerprint (``fingerprint.json``) records, per training case, the spacing and shape in RAS axis order,
+the shape after cropping and the original orientation, plus CT foreground intensity statistics sampled from
+the labelled voxels. The plan (``plans.json``) fixes what preprocessing and the network need: target
+spacing, normalisation, patch size and STU-Net's pool kernels, and carries a content hash that the cache
+checks. A plan over several datasets is computed over the union of their cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nibabel.orientations import aff2axcodes
+
+from aeval.data.preprocess import (
+    ANISOTROPY_THRESHOLD,
+    CT_BODY_THRESHOLD,
+    NUM_CLASSES,
+    case_files,
+    crop_bbox,
+    ras_order,
+    ras_transform,
+    to_ras,
+    training_cases,
+)
+from aeval.labels import FLARE22_ORGANS
+from aeval.nifti import (
+    CaseError,
+    FailureLog,
+    check_same_geometry,
+    read_image,
+    read_label,
+    spacing_of,
+    write_text_atomic,
+)
+
+PLAN_VERSION = 1
+VOXEL_BUDGET = 128**3          # voxels per patch: STU-Net's 128^3 (the published models' patch)
+NUM_POOLS = 5                  # STU-Net: six stages, downsampling in stages 1-5
+MIN_BOTTLENECK = 4             # an axis is not halved below this many voxels
+MAX_INTENSITY_SAMPLES = 10_000_000
+INTENSITY_SEED = 1234
+
+
+# --- fingerprint ---------------------------------------------------------------------------------------
+
+def _stamp(path: Path | None) -> list:
+    if path is None or not path.exists():
+        return [None]
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def sources_digest(dataset_dirs: Sequence[Path]) -> str:
+    """A hash of every training file's name, size and mtime: a fingerprint is reused while it matches."""
+    entries = []
+    for dataset_dir in dataset_dirs:
+        dataset_dir = Path(dataset_dir)
+        entries.append((str(dataset_dir.resolve()), (dataset_dir / "dataset.json").read_text()))
+        for case in training_cases(dataset_dir):
+            image, label = case_files(dataset_dir, case)
+            entries.append((case, _stamp(image), _stamp(label)))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def _fingerprint_case(job: tuple[Path, str, str, int, int]) -> tuple[dict[str, Any], np.ndarray | None]:
+    dataset_dir, case, modality, n_samples, seed = job
+    image_path, label_path = case_files(dataset_dir, case)
+    data, img = read_image(image_path)
+    transform = ras_transform(img.affine)
+    ras = to_ras(data, transform)
+    bbox = crop_bbox(ras, modality, CT_BODY_THRESHOLD)
+    record = {
+        "dataset": json.loads((dataset_dir / "dataset.json").read_text())["name"], "case": case,
+        "spacing": [float(s) for s in ras_order(spacing_of(img), transform)],
+        "shape": [int(n) for n in ras.shape],
+        "shape_after_crop": [hi - lo for lo, hi in bbox],
+        "orientation": "".join(aff2axcodes(img.affine)),
+    }
+    samples = None
+    if label_path is not None and modality == "CT" and n_samples > 0:
+        labels, label_img = read_label(label_path)
+        check_same_geometry(img, label_img, label_path)
+        foreground = data[labels > 0]
+        if foreground.size:
+            rng = np.random.default_rng(seed)
+            samples = rng.choice(foreground, size=n_samples, replace=True).astype(np.float32)
+    return record, samples
+
+
+def _fingerprint_job(job):
+    try:
+        return _fingerprint_case(job)
+    except CaseError as err:
+        return err
+    except (OSError, ValueError, EOFError) as err:
+        return CaseError(case_files(job[0], job[1])[0], f"{type(err).__name__}: {err}")
+
+
+def _intensity_statistics(samples: np.ndarray) -> dict[str, float]:
+    return {
+        "mean": float(samples.mean(dtype=np.float64)), "std": float(samples.std(dtype=np.float64)),
+        "median": float(np.median(samples)), "min": float(samples.min()), "max": float(samples.max()),
+        "percentile_00_5": float(np.percentile(samples, 0.5)),
+        "percentile_99_5": float(np.percentile(samples, 99.5)), "num_samples": int(samples.size),
+    }
+
+
+def fingerprint_datasets(dataset_dirs: list[Path], *, num_workers: int = 1,
+                         max_intensity_samples: int = MAX_INTENSITY_SAMPLES, seed: int = INTENSITY_SEED
+                         ) -> dict[str, Any]:
+    """Spacing/shape/orientation of every training case of the unified datasets, and CT foreground
+    intensity statistics pooled over their labelled CT cases (at most ``max_intensity_samples`` voxels,
+    an equal share per case, drawn with replacement with a fixed seed as nnU-Net does).
+
+    Raises ``RuntimeError`` listing every unreadable case."""
+    dataset_dirs = [Path(d) for d in dataset_dirs]
+    datasets, jobs = [], []
+    for dataset_dir in dataset_dirs:
+        meta = json.loads((dataset_dir / "dataset.json").read_text())
+        cases = training_cases(dataset_dir)
+        labelled = [c for c in cases if case_files(dataset_dir, c)[1] is not None]
+        datasets.append({"name": meta["name"], "modality": meta["modality"],
+                         "label_system": meta["label_system"], "dir": str(dataset_dir.resolve()),
+                         "num_cases": len(cases), "num_labelled": len(labelled)})
+        jobs += [(dataset_dir, case, meta["modality"], 0, 0) for case in cases]
+    labelled_ct = sum(d["num_labelled"] for d in datasets if d["modality"] == "CT")
+    per_case = max_intensity_samples // labelled_ct if labelled_ct else 0
+    jobs = [(d, c, m, per_case, (seed + zlib.crc32(f"{d.name}/{c}".encode())) % 2**32)
+            for d, c, m, _, _ in jobs]
+    if num_workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_fingerprint_job, jobs))
+    else:
+        results = [_fingerprint_job(job) for job in jobs]
+    failures = FailureLog(printer=lambda _line: None)
+    for result in results:
+        if isinstance(result, CaseError):
+            failures.add(result)
+    if failures.failures:
+        raise RuntimeError(f"fingerprint: {failures.summary()}")
+    samples = [s for _, s in results if s is not None]
+    return {
+        "fingerprint_version": PLAN_VERSION,
+        "sources_digest": sources_digest(dataset_dirs),
+        "datasets": datasets,
+        "axis_order": "RAS",
+        "cases": [record for record, _ in results],
+        "intensity": {"CT": _intensity_statistics(np.concatenate(samples))} if samples else {},
+        "intensity_sampling": {"max_samples": max_intensity_samples, "seed": seed},
+    }
+
+
+# --- plan rules ----------------------------------------------------------------------------------------
+
+def target_spacing(spacings: np.ndarray, shapes: np.ndarray,
+                   anisotropy_threshold: float = ANISOTROPY_THRESHOLD) -> list[float]:
+    """nnU-Net's rule: the per-axis median spacing; when the coarsest axis is more than ``threshold`` times
+    coarser than the others and has ``threshold`` times fewer voxels, that axis takes the 10th percentile
+    of its spacings instead (but never finer than the other axes)."""
+    spacings, shapes = np.asarray(spacings, dtype=float), np.asarray(shapes, dtype=float)
+    target = np.percentile(spacings, 50, axis=0)
+    median_shape = np.percentile(shapes, 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(3) if a != worst]
+    anisotropic_spacing = target[worst] > anisotropy_threshold * max(target[others])
+    anisotropic_voxels = median_shape[worst] * anisotropy_threshold < min(median_shape[others])
+    if anisotropic_spacing and anisotropic_voxels:
+        low_res = float(np.percentile(spacings[:, worst], 10))
+        if low_res < max(target[others]):
+            low_res = max(target[others]) + 1e-5
+        target[worst] = low_res
+    return [float(s) for s in target]
+
+
+def pool_kernels(patch_size: Sequence[int], spacing: Sequence[float], num_pools: int = NUM_POOLS,
+                 min_size: int = MIN_BOTTLENECK) -> list[list[int]]:
+    """STU-Net's ``num_pools`` stride triples. At each stage an axis is halved when it stays >= ``min_size``
+    and its current spacing is less than twice the finest halvable axis' (so coarse axes wait until the
+    others catch up, as in nnU-Net); otherwise it keeps stride 1."""
+    size = np.array(patch_size, dtype=float)
+    current = np.array(spacing, dtype=float)
+    pools = []
+    for _ in range(num_pools):
+        halvable = size / 2 >= min_size
+        stride = [1, 1, 1]
+        if halvable.any():
+            finest = current[halvable].min()
+            stride = [2 if halvable[a] and current[a] / finest < 2 else 1 for a in range(3)]
+        size /= stride
+        current *= stride
+        pools.append(stride)
+    return pools
+
+
+def _divisors(pools: list[list[int]]) -> np.ndarray:
+    return np.prod(np.asarray(pools), axis=0)
+
+
+def divisible_patch(patch_size: Sequence[int], spacing: Sequence[float], num_pools: int = NUM_POOLS,
+                    min_size: int = MIN_BOTTLENECK) -> tuple[list[int], list[list[int]]]:
+    """Round ``patch_size`` up until every axis divides by the product of its strides."""
+    patch = np.asarray(patch_size, dtype=int)
+    for _ in range(10):
+        pools = pool_kernels(patch, spacing, num_pools, min_size)
+        divisor = _divisors(pools)
+        rounded = np.ceil(patch / divisor).astype(int) * divisor
+        if np.array_equal(rounded, patch):
+            break
+        patch = rounded
+    return [int(n) for n in patch], pools
+
+
+def fit_patch_size(spacing: Sequence[float], median_shape: Sequence[float], voxel_budget: int = VOXEL_BUDGET,
+                   num_pools: int = NUM_POOLS, min_size: int = MIN_BOTTLENECK
+                   ) -> tuple[list[int], list[list[int]]]:
+    """nnU-Net's search: start from a patch of equal physical extent per axis and 8x the budget, clip it to
+    the median shape, then shrink the axis that is largest relative to the median shape until the patch
+    (made divisible for its pools) holds at most ``voxel_budget`` voxels."""
+    spacing = np.asarray(spacing, dtype=float)
+    median_shape = np.maximum(np.asarray(median_shape, dtype=float), 1)
+    inverse = 1 / spacing
+    start = inverse / np.prod(inverse) ** (1 / 3) * (8 * voxel_budget) ** (1 / 3)
+    patch = np.maximum(np.round(np.minimum(start, median_shape)), 1).astype(int)
+    for _ in range(10_000):
+        candidate, pools = divisible_patch(patch, spacing, num_pools, min_size)
+        if np.prod(candidate) <= voxel_budget:
+            return candidate, pools
+        divisor = _divisors(pools)
+        ratio = np.asarray(candidate) / median_shape
+        shrinkable = np.asarray(candidate) > divisor
+        if not shrinkable.any():
+            return candidate, pools
+        axis = int(np.argmax(np.where(shrinkable, ratio, -np.inf)))
+        patch = np.asarray(candidate)
+        patch[axis] -= divisor[axis]
+    raise RuntimeError("patch size search did not converge")
+
+
+def _normalization(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    modalities = {d["modality"] for d in fingerprint["datasets"]}
+    if modalities != {"CT"}:
+        return {"scheme": "zscore", "why": "MR or mixed CT+MR: per-image z-score"}
+    stats = fingerprint.get("intensity", {}).get("CT")
+    if not stats:
+        raise ValueError("CT plan needs foreground intensity statistics, but no training case has labels")
+    return {"scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
+            "mean": stats["mean"], "std": stats["std"],
+            "why": "CT: clip to the foreground 0.5/99.5 percentiles, z-score with the foreground mean/std"}
+
+
+# Bookkeeping that does not change what preprocessing produces stays out of the hash.
+_NOT_HASHED = ("hash", "fingerprint_digest", "num_training_cases")
+
+
+def plan_hash(plan: dict[str, Any]) -> str:
+    """Content hash of everything that shapes the cache and the network."""
+    content = {k: v for k, v in plan.items() if k not in _NOT_HASHED}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_plan(fingerprint: dict[str, Any], *, patch_size: Sequence[int] | None = None,
+              voxel_budget: int = VOXEL_BUDGET, num_pools: int = NUM_POOLS,
+              min_bottleneck: int = MIN_BOTTLENECK, anisotropy_threshold: float = ANISOTROPY_THRESHOLD,
+              target_spacing_override: Sequence[float] | None = None) -> dict[str, Any]:
+    """The plan for a fingerprint (one dataset or the union of several). Axis order is RAS throughout.
+
+    ``patch_size`` fixes the patch (rounded up to be divisible by its pools); otherwise it is searched
+    for from ``voxel_budget`` and the median shape after resampling."""
+    cases = fingerprint["cases"]
+    if not cases:
+        raise ValueError("fingerprint has no training cases")
+    spacings = np.array([c["spacing"] for c in cases], dtype=float)
+    cropped = np.array([c["shape_after_crop"] for c in cases], dtype=float)
+    if target_spacing_override is not None:
+        spacing = [float(s) for s in target_spacing_override]
+    else:
+        spacing = target_spacing(spacings, cropped, anisotropy_threshold)
+    median_shape = np.median(cropped * spacings / np.asarray(spacing), axis=0)
+    if patch_size is not None:
+        patch, pools = divisible_patch(patch_size, spacing, num_pools, min_bottleneck)
+    else:
+        patch, pools = fit_patch_size(spacing, median_shape, voxel_budget, num_pools, min_bottleneck)
+    plan = {
+        "plan_version": PLAN_VERSION,
+        "datasets": [{k: d[k] for k in ("name", "modality", "label_system")}
+                     for d in fingerprint["datasets"]],
+        "fingerprint_digest": fingerprint["sources_digest"],
+        "num_training_cases": len(cases),
+        "axis_order": "RAS",
+        "label_space": "flare22",
+        "num_classes": NUM_CLASSES,
+        "class_names": ["background", *FLARE22_ORGANS],
+        "target_spacing": spacing,
+        "anisotropic": bool(max(spacing) / min(spacing) > anisotropy_threshold),
+        "median_shape_after_resampling": [float(n) for n in median_shape],
+        "normalization": _normalization(fingerprint),
+        "crop": {"ct_threshold": CT_BODY_THRESHOLD, "other": "nonzero"},
+        "voxel_budget": int(voxel_budget),
+        "patch_size": patch,
+        "patch_size_requested": [int(n) for n in patch_size] if patch_size is not None else None,
+        "pool_op_kernel_sizes": pools,
+        "conv_kernel_sizes": [[3, 3, 3]] * (num_pools + 1),
+    }
+    plan["hash"] = plan_hash(plan)
+    return plan
+
+
+def plan_datasets(names: list[str], data_root: str | os.PathLike, preprocessed_root: str | os.PathLike,
+                  plan_name: str | None = None, num_workers: int = 1, **overrides: Any) -> Path:
+    """Fingerprint (reused while the source files are unchanged) and plan the union of ``names``; writes
+    ``fingerprint.json`` and ``plans.json`` atomically into ``{preprocessed_root}/{plan_name}`` (default
+    name: the dataset names joined by ``+``) and returns that folder."""
+    dataset_dirs = [Path(data_root) / name for name in names]
+    for dataset_dir in dataset_dirs:
+        if not (dataset_dir / "dataset.json").exists():
+            raise FileNotFoundError(f"{dataset_dir}: no dataset.json (convert the dataset first)")
+    plan_dir = Path(preprocessed_root) / (plan_name or "+".join(names))
+    fingerprint_path = plan_dir / "fingerprint.json"
+    fingerprint = None
+    if fingerprint_path.exists():
+        try:
+            fingerprint = json.loads(fingerprint_path.read_text())
+        except ValueError:
+            fingerprint = None
+        if fingerprint and fingerprint.get("sources_digest") != sources_digest(dataset_dirs):
+            fingerprint = None
+    if fingerprint is None:
+        fingerprint = fingerprint_datasets(dataset_dirs, num_workers=num_workers)
+        write_text_atomic(fingerprint_path, json.dumps(fingerprint, indent=1))
+    plan = make_plan(fingerprint, **overrides)
+    plans_path = plan_dir / "plans.json"
+    previous = json.loads(plans_path.read_text()) if plans_path.exists() else {}
+    if previous.get("hash") != plan["hash"]:
+        write_text_atomic(plans_path, json.dumps(plan, indent=1))
+    print(f"plan {plan_dir.name}: spacing {plan['target_spacing']}, patch {plan['patch_size']}, "
+          f"normalisation {plan['normalization']['scheme']} -> {plans_path}", flush=True)
+    return plan_dir
