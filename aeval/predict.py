@@ -1,15 +1,16 @@
 """``python -m aeval.predict``: segment NIfTI files with a checkpoint, written in each input's original geometry.
 
-Takes our Lightning checkpoints (the plan and network settings travel inside) and official STU-Net
-checkpoints (``.model`` / ``.pth``) together with a ``plans.json`` and a model size.
+Takes our Lightning checkpoints (the plan, network settings and run key travel inside) and official STU-Net
+checkpoints (``.model`` / ``.pth``) together with an aeval ``plans.json`` and a model size. The work is
+:class:`~aeval.inference.SlidingWindowPredictor`'s; this module reads, preprocesses, restores and writes.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,56 +18,98 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from aeval.console import console
 from aeval.data.preprocess import preprocess_image, restore_to_original
 from aeval.inference import SlidingWindowPredictor
-from aeval.labels import remap
+from aeval.labels import get_system, remap
 from aeval.models.pretrained import load_pretrained, read_checkpoint
 from aeval.models.stunet import build_stunet
 from aeval.nifti import CaseError, FailureLog, load_nifti, save_nifti
 
+# What preprocessing and the predictor read from a plan (an aeval plans.json; see aeval.data.plan).
+PLAN_KEYS = ("hash", "datasets", "target_spacing", "normalization", "patch_size", "pool_op_kernel_sizes")
+# conf/inference keys, passed to SlidingWindowPredictor as they are.
+INFERENCE_SETTINGS = ("overlap", "mirror_axes", "precision", "sw_batch_size", "device", "stitch_device",
+                      "network_batch_size")
+DEFAULT_INFERENCE = {"overlap": 0.5, "mirror_axes": (0, 1, 2), "precision": "auto", "sw_batch_size": 1}
+
 
 @dataclass
 class LoadedModel:
-    """A network ready for inference with the plan that preprocesses its inputs."""
+    """A network ready for inference, the plan that preprocesses its inputs, the label system of its
+    output, and the run key recorded at training time (empty for official checkpoints)."""
 
     net: nn.Module
     plan: dict[str, Any]
     label_system: str
+    run_key: dict[str, str] = field(default_factory=dict)
 
 
-def load_model(ckpt_path: str | Path, *, plan: dict[str, Any] | str | Path | None = None, size: str | None = None,
-               label_system: str | None = None) -> LoadedModel:
-    """Our Lightning checkpoint (self-describing), or an official STU-Net one with ``plan`` and ``size``."""
+def check_plan(plan: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
+    missing = [key for key in PLAN_KEYS if key not in plan]
+    if missing:
+        raise CaseError(source, f"not an aeval plan (missing {', '.join(missing)}); "
+                        "make one with `python -m aeval.prepare` or aeval.data.plan")
+    return dict(plan)
+
+
+def load_model(ckpt_path: str | Path, *, plan: Mapping[str, Any] | str | Path | None = None,
+               size: str | None = None, label_system: str | None = None) -> LoadedModel:
+    """Our Lightning checkpoint (self-describing), or an official STU-Net one with ``plan`` and ``size``.
+
+    Errors are :class:`CaseError` lines naming the checkpoint or plan file."""
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.exists():
-        raise FileNotFoundError(f"{ckpt_path}: checkpoint not found")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(ckpt_path)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if hparams and "plan" in hparams and "state_dict" in checkpoint:
-        model_cfg, run_plan = hparams["model"], hparams["plan"]
+    if isinstance(hparams, Mapping) and "plan" in hparams and "state_dict" in checkpoint:
+        model_cfg, run_plan = hparams["model"], check_plan(hparams["plan"], ckpt_path)
         pools = model_cfg.get("pool_op_kernel_sizes") or run_plan["pool_op_kernel_sizes"]
         net = build_stunet(model_cfg["size"], model_cfg.get("in_channels", 1), model_cfg.get("num_classes", 14),
                            pool_op_kernel_sizes=pools)
         weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-        net.load_state_dict(weights)
-        return LoadedModel(net, run_plan, label_system or hparams.get("label_space", "flare22"))
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as err:
+            raise CaseError(ckpt_path, f"weights do not fit the recorded model ({str(err).splitlines()[0]})") from None
+        system = label_system or hparams.get("label_space") or "flare22"
+        run_key = {k: str(v) for k, v in (hparams.get("run_key") or {}).items()}
+        return LoadedModel(net, run_plan, _known_system(system, ckpt_path), run_key)
     if plan is None or size is None:
-        raise ValueError(f"{ckpt_path}: not an aeval checkpoint; an official STU-Net checkpoint needs "
-                         "plan=<plans.json> and size=<s|b|l|h>")
-    run_plan = plan if isinstance(plan, dict) else json.loads(Path(plan).read_text())
-    raw = read_checkpoint(ckpt_path)
-    weights = raw.get("network_weights") or raw.get("state_dict") or raw if isinstance(raw, dict) else {}
-    heads = [v for k, v in weights.items() if k.endswith("seg_outputs.0.weight")]
+        raise CaseError(ckpt_path, "not an aeval checkpoint; an official STU-Net checkpoint needs "
+                        "plan=<plans.json> and size=<s|b|l|h>")
+    if isinstance(plan, Mapping):
+        run_plan = check_plan(plan, "plan")
+    else:
+        try:
+            run_plan = check_plan(json.loads(Path(plan).read_text()), plan)
+        except (OSError, ValueError) as err:
+            raise CaseError(plan, f"unreadable plan ({type(err).__name__}: {err})") from None
+    weights = {}
+    if isinstance(checkpoint, dict):
+        weights = checkpoint.get("network_weights") or checkpoint.get("state_dict") or checkpoint
+    heads = [v for k, v in weights.items()
+             if isinstance(k, str) and k.endswith("seg_outputs.0.weight") and isinstance(v, torch.Tensor)]
     if not heads:
-        raise ValueError(f"{ckpt_path}: no STU-Net segmentation head (seg_outputs.0.weight) in the checkpoint")
+        raise CaseError(ckpt_path, "no STU-Net segmentation head (seg_outputs.0.weight) in the checkpoint")
     num_classes = int(heads[0].shape[0])
-    net = build_stunet(size, 1, num_classes, pool_op_kernel_sizes=run_plan["pool_op_kernel_sizes"])
+    del checkpoint, weights, heads  # load_pretrained reads the file again: keep one copy alive, not two
+    try:
+        net = build_stunet(size, 1, num_classes, pool_op_kernel_sizes=run_plan["pool_op_kernel_sizes"])
+    except ValueError as err:
+        raise CaseError(ckpt_path, str(err)) from None
     load_pretrained(net, ckpt_path)
-    return LoadedModel(net, run_plan, label_system or "totalseg_104_alpha")
+    return LoadedModel(net, run_plan, _known_system(label_system or "totalseg_104_alpha", ckpt_path))
+
+
+def _known_system(name: str, source: Path) -> str:
+    try:
+        get_system(name)
+    except KeyError as err:
+        raise CaseError(source, err.args[0]) from None
+    return name
 
 
 def case_name(path: Path) -> str:
@@ -76,30 +119,45 @@ def case_name(path: Path) -> str:
 
 
 def list_inputs(source: str | Path) -> list[Path]:
+    """A NIfTI file, or the NIfTI files of a folder (hidden and temporary files left out)."""
     source = Path(source)
     if source.is_dir():
-        return sorted(p for p in source.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+        files = sorted(p for p in source.iterdir()
+                       if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
+        if not files:
+            raise CaseError(source, "no NIfTI files (.nii.gz/.nii) in the folder")
+        return files
     if not source.exists():
-        raise FileNotFoundError(f"{source}: input not found")
+        raise CaseError(source, "input not found")
     return [source]
 
 
+def make_predictor(model: LoadedModel, inference: Mapping[str, Any] | None = None) -> SlidingWindowPredictor:
+    """The predictor for ``model`` with the conf/inference settings (defaults: overlap 0.5, 8 flips, auto)."""
+    settings = {**DEFAULT_INFERENCE, **{k: v for k, v in (inference or {}).items() if v is not None}}
+    unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown inference setting(s) {', '.join(unknown)}; known: {', '.join(INFERENCE_SETTINGS)}")
+    settings["mirror_axes"] = tuple(settings["mirror_axes"] or ())
+    return SlidingWindowPredictor(model.net, model.plan["patch_size"], **settings)
+
+
 def predict_files(model: LoadedModel, inputs: Sequence[Path], output_dir: str | Path, *, to_system: str | None = None,
-                  inference: dict[str, Any] | None = None, skip_existing: bool = False,
+                  inference: Mapping[str, Any] | None = None, skip_existing: bool = False,
                   failures: FailureLog | None = None) -> list[Path]:
-    """Segment every input; a bad input is one failure line and the others go on. Returns written files."""
+    """Segment every input into ``output_dir/<case>.nii.gz``; a bad input is one failure line and the others
+    go on. Returns the files written (or, with ``skip_existing``, found)."""
     failures = failures if failures is not None else FailureLog()
-    settings = {"overlap": 0.5, "mirror_axes": (0, 1, 2), "precision": "auto", **(inference or {})}
-    predictor = SlidingWindowPredictor(model.net, model.plan["patch_size"], overlap=settings["overlap"],
-                                       mirror_axes=tuple(settings["mirror_axes"] or ()),
-                                       precision=settings["precision"],
-                                       sw_batch_size=int(settings.get("sw_batch_size", 1)),
-                                       device=settings.get("device"))
+    if to_system is not None:
+        _known_system(to_system, Path("to_labels"))
+    predictor = make_predictor(model, inference)
     output_dir = Path(output_dir)
     written = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("predict", total=len(inputs))
+    columns = (TextColumn("predict {task.fields[case]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("predict", total=len(inputs), case="")
         for path in inputs:
+            progress.update(task, case=path.name)
             target = output_dir / f"{case_name(path)}.nii.gz"
             if skip_existing and target.exists():
                 written.append(target)
@@ -112,32 +170,43 @@ def predict_files(model: LoadedModel, inputs: Sequence[Path], output_dir: str | 
 
 def predict_file(predictor: SlidingWindowPredictor, model: LoadedModel, path: Path, target: Path,
                  to_system: str | None = None) -> Path:
-    img = load_nifti(path)
-    image, properties = preprocess_image(img, model.plan)
+    """One image -> uint8 label map in its original shape, affine and header (written atomically)."""
     try:
-        logits = predictor(torch.from_numpy(image))
-    except ValueError as err:
-        raise CaseError(path, str(err)) from None
-    segmentation = restore_to_original(logits, properties)
-    del logits
+        img = load_nifti(path)
+        image, properties = preprocess_image(img, model.plan)
+        try:
+            logits = predictor(torch.from_numpy(image))
+        except ValueError as err:
+            raise CaseError(path, str(err)) from None
+        del image
+        segmentation = restore_to_original(logits, properties)
+        del logits
+    except MemoryError:
+        raise CaseError(path, "out of memory (try inference.stitch_device=cpu or fewer mirror_axes)") from None
     if to_system:
         segmentation = remap(segmentation, model.label_system, to_system)
-    return save_nifti(segmentation.astype(np.uint8), img.affine, target, header=img.header)
+    return save_nifti(segmentation.astype(np.uint8, copy=False), img.affine, target, header=img.header)
+
+
+def print_error(line: str) -> None:
+    """One red line; file names are printed as they are (no rich markup)."""
+    console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    failures = FailureLog(printer=lambda line: console.print(f"[red]{line}[/red]", highlight=False))
+    failures = FailureLog(printer=print_error)
     try:
         model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"),
                            label_system=cfg.get("model_labels"))
         inputs = list_inputs(cfg.input)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        console.print(f"[red]{err}[/red]", highlight=False)
+        written = predict_files(model, inputs, cfg.output, to_system=cfg.get("to_labels"),
+                                inference=OmegaConf.to_container(cfg.inference, resolve=True), failures=failures)
+    except (CaseError, ValueError) as err:
+        print_error(f"[error] {err}")
         sys.exit(2)
-    written = predict_files(model, inputs, cfg.output, to_system=cfg.get("to_labels"),
-                            inference=OmegaConf.to_container(cfg.inference, resolve=True), failures=failures)
-    console.print(f"{len(written)} segmentation(s) written to {cfg.output}; {failures.summary()}", highlight=False)
+    console.print(f"{len(written)} segmentation(s) written to {cfg.output}; {failures.summary()}",
+                  markup=False, highlight=False, soft_wrap=True)
     sys.exit(failures.exit_code())
 
 

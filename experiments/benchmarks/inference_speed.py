@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--network-batch-size", type=int,
                         help="also time ours fp32 with at most this many samples per forward (less memory)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU the speed-ups use wall time)")
     parser.add_argument("--bf16", choices=("auto", "force", "off"), default="auto",
                         help="auto: only where the CPU has native bf16 (elsewhere it is ~100x slower)")
     args = parser.parse_args(argv)
@@ -96,19 +97,24 @@ def main(argv: list[str] | None = None) -> dict:
     patch = [int(v) for v in args.patch.split(",")]
 
     torch.manual_seed(0)
-    model = build_stunet(args.size, 1, args.num_classes).eval()
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:  # true fp32 for the fp32 variants (TF32 convolutions differ from fp32 by ~1e-2 in the logits)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    model = build_stunet(args.size, 1, args.num_classes).eval().to(device)
     model.deep_supervision = False
-    image = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))
-    native = cpu_has_native_bf16()
+    image = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1)).to(device)
+    native = cpu_has_native_bf16() or (on_gpu and torch.cuda.is_bf16_supported())
     run_bf16 = args.bf16 == "force" or (args.bf16 == "auto" and native)
 
     variants = {"baseline fp32 (8 MONAI passes)": lambda: baseline(model, image, patch),
-                "ours fp32 (flips batched)": SlidingWindowPredictor(model, patch, precision="fp32", device="cpu")}
+                "ours fp32 (flips batched)": SlidingWindowPredictor(model, patch, precision="fp32", device=device)}
     if args.network_batch_size:
         variants[f"ours fp32, {args.network_batch_size} per forward"] = SlidingWindowPredictor(
-            model, patch, precision="fp32", device="cpu", network_batch_size=args.network_batch_size)
+            model, patch, precision="fp32", device=device, network_batch_size=args.network_batch_size)
     if run_bf16:
-        variants["ours bf16"] = SlidingWindowPredictor(model, patch, precision="bf16", device="cpu")
+        variants["ours bf16"] = SlidingWindowPredictor(model, patch, precision="bf16", device=device)
 
     print(f"# STU-Net-{args.size.upper()} ({args.num_classes} classes, random weights), volume 1x"
           f"{'x'.join(map(str, shape))}, patch {'x'.join(map(str, patch))}, overlap 0.5, 8 flips")
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"native bf16: {native}")
     with torch.inference_mode():  # one-off oneDNN primitive set-up for both batch sizes, outside the timings
         for batch in (1, len(mirror_flips((0, 1, 2)))):
-            model(torch.zeros(batch, 1, *patch))
+            model(torch.zeros(batch, 1, *patch, device=device))
     seconds = {name: float("inf") for name in variants}
     cpu_seconds = dict(seconds)
     peaks: dict[str, float] = {}
@@ -127,9 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
         for name, run in variants.items():
             outputs.pop(name, None)
             resettable = reset_peak_rss() and resettable
+            if on_gpu:
+                torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()
-            outputs[name] = run(image) if isinstance(run, SlidingWindowPredictor) else run()
+            outputs[name] = (run(image) if isinstance(run, SlidingWindowPredictor) else run()).cpu()
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            if on_gpu:
+                cpu = wall  # host CPU time says nothing about GPU work
             seconds[name], cpu_seconds[name] = min(seconds[name], wall), min(cpu_seconds[name], cpu)
             peaks[name] = max(peaks.get(name, 0.0), peak_rss_mib())
             print(f"  {name}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
