@@ -42,3 +42,15 @@ def build_loggers(logger_cfg: Mapping[str, Any] | None) -> list[Logger]:
             os.makedirs(cfg.get("save_dir", "."), exist_ok=True)
         loggers.append(instantiate(cfg))
     return loggers
+
+
+def finish_loggers(loggers: list[Logger], status: str) -> None:
+    """Flush every logger and close this process's W&B run, so a later run in the same process (the grid,
+    tests) starts its own instead of appending to this one."""
+    for logger in loggers:
+        logger.finalize(status)
+    if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=0 if status == "success" else 1)

@@ -75,11 +75,12 @@ class CachedCase:
 
 
 class EpochSeeds(Sampler[int]):
-    """Yields ``num_samples`` patch seeds per epoch, derived from ``(seed, epoch)``. Lightning calls
-    :meth:`set_epoch`; without it each new iteration counts as the next epoch."""
+    """Yields ``num_samples`` patch seeds per epoch, derived from ``(seed, rank, epoch)``: each distributed
+    process (``rank``) draws its own patches. Lightning calls :meth:`set_epoch`; without it each new
+    iteration counts as the next epoch."""
 
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples, self.seed, self.epoch = int(num_samples), int(seed), 0
+    def __init__(self, num_samples: int, seed: int, rank: int = 0):
+        self.num_samples, self.seed, self.rank, self.epoch = int(num_samples), int(seed), int(rank), 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -88,7 +89,7 @@ class EpochSeeds(Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed, self.rank, self.epoch])
         self.epoch += 1
         return iter(int(s) for s in rng.integers(0, 2**62, self.num_samples))
 
@@ -291,7 +292,7 @@ class AEvalDataModule(L.LightningDataModule):
         samples = self.iterations_per_epoch * self.batch_size
         dataset = TrainingPatches(self.train_cases, self.patch_size, self.strides, self.oversample_foreground,
                                   PatchAugmenter(self.augmentation), self.target_codes, samples_per_epoch=samples)
-        return self._loader(dataset, EpochSeeds(samples, self.seed))
+        return self._loader(dataset, EpochSeeds(samples, self.seed, self._rank_and_world()[0]))
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
@@ -299,4 +300,12 @@ class AEvalDataModule(L.LightningDataModule):
             return []
         dataset = ValidationPatches(self.val_cases, self.patch_size, self.strides, 0.0, None,
                                     self.target_codes, per_case=self.val_patches_per_case, seed=self.seed)
-        return self._loader(dataset, None)
+        rank, world = self._rank_and_world()
+        # every process validates its share, padded with repeats like DistributedSampler: no process may
+        # be left without batches, or the others would wait for it in the gather of the Dice counts
+        shard = [i % len(dataset) for i in range(rank, -(-len(dataset) // world) * world, world)]
+        return self._loader(dataset, shard if world > 1 else None)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
