@@ -55,6 +55,11 @@ def held_out_cases(dataset_dir: Path) -> tuple[list[Path], Path, str]:
     return images, dataset_dir / "labelsTs", system
 
 
+def metric_key(metric: str, classes: str = "aeval8") -> str:
+    """How a cell's metric folder is named: the mode, plus the class space when it is not the 8 organs."""
+    return metric if classes == "aeval8" else f"{metric}-{classes}"
+
+
 def cell_finished(cell: Path) -> bool:
     """A cell counts as finished when its summary is readable and no case failed."""
     try:
@@ -72,9 +77,8 @@ def evaluate(model: LoadedModel, test_sets: list[str], data_root: str | Path, re
     predictions (model label space) go to ``.../<test>/predictions`` and are shared by the metric modes."""
     scoring_rules(metric, classes)  # an unknown mode or class space: ValueError before any prediction
     result = Evaluation(failures=failures if failures is not None else FailureLog())
-    metric_key = metric if classes == "aeval8" else f"{metric}-{classes}"
     for test in test_sets:
-        cell = cell_dir(results_root, key["protocol"], key["train"], key["model"], test, metric_key)
+        cell = cell_dir(results_root, key["protocol"], key["train"], key["model"], test, metric_key(metric, classes))
         if not overwrite and cell_finished(cell):
             console.print(f"cell {cell} exists, skipped", markup=False, highlight=False)
             result.skipped.append(cell)
@@ -102,8 +106,8 @@ def evaluate(model: LoadedModel, test_sets: list[str], data_root: str | Path, re
                 result.failures.add(line, None)
         if not scores.rows:
             continue
-        write_cell(results_root, key["protocol"], key["train"], key["model"], test, metric_key, scores.summary,
-                   scores.rows)
+        write_cell(results_root, key["protocol"], key["train"], key["model"], test, metric_key(metric, classes),
+                   scores.summary, scores.rows)
         console.print(f"  DSC {100 * scores.summary['mean_dsc']:.2f}  NSD {100 * scores.summary['mean_nsd']:.2f}"
                       f"  -> {cell}", markup=False, highlight=False)
         result.written.append(cell)
