@@ -106,6 +106,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
                       highlight=False)
         return finished
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("torch_threads"):  # on small shared CPUs one thread per process avoids OpenMP oversubscription
+        torch.set_num_threads(int(cfg.torch_threads))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     train_sets = list(cfg.train_sets)
