@@ -151,7 +151,8 @@ def write_grid_report(cfg: DictConfig, failures: FailureLog | None = None) -> Gr
         return outcome
     report_dir = Path(cfg.grid.report_dir)
     report = build_report(cells, report_dir, paper=cfg.grid.get("paper"), title=cfg.grid.title)
-    console.print(report.text, highlight=False, markup=False)
+    main_tables, _, _ = report.text.partition("\n### Per organ")  # per-organ tables: see grid.md
+    console.print(main_tables, highlight=False, markup=False)
     if outcome.missing:
         console.print("missing cells: " + ", ".join(f"{t} -> {s}" for t, s in outcome.missing), highlight=False)
     console.print(f"report written to {report_dir}", highlight=False)

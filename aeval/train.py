@@ -23,8 +23,9 @@ from aeval.console import console
 from aeval.data.datamodule import AEvalDataModule
 from aeval.data.plan import plan_datasets
 from aeval.data.preprocess import preprocess_dataset
-from aeval.module import NonFiniteLossError, STUNetModule
+from aeval.module import NonFiniteLossError
 from aeval.nifti import write_text_atomic
+from aeval.protocols.marginal_loss import module_class
 from aeval.tracking import build_loggers, finish_loggers
 
 
@@ -116,7 +117,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
     datamodule = AEvalDataModule(caches, plan, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
     datamodule.setup("fit")
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    module = STUNetModule(model=OmegaConf.to_container(cfg.model, resolve=True), plan=plan,
+    module = module_class(cfg)(model=OmegaConf.to_container(cfg.model, resolve=True), plan=plan,
                           optim=OmegaConf.to_container(cfg.optim, resolve=True),
                           max_epochs=trainer_cfg["max_epochs"], run_key=run_key(cfg),
                           channels_last=cfg.get("channels_last", "auto"))
@@ -170,6 +171,13 @@ def bf16_supported(trainer_cfg: dict[str, Any]) -> bool:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    if cfg.protocol.name != "individual":  # protocols 2-4: every round, then evaluation of the final model
+        from aeval.protocols.run import run_protocol
+
+        outcome = run_protocol(cfg)
+        console.print(f"protocol {outcome.plan.protocol} ({outcome.plan.train}): {len(outcome.rounds)} round(s); "
+                      f"{outcome.failures.summary()}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(outcome.failures.exit_code())
     try:
         result = train(cfg)
     except NonFiniteLossError as err:
