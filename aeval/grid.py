@@ -190,7 +190,12 @@ class ReportOnMultirunEnd(Callback):
 
 @hydra.main(version_base=None, config_path="../conf", config_name="grid")
 def main(cfg: DictConfig) -> None:
-    outcome = run_grid(cfg)
+    if cfg.grid.get("rows"):  # experiment=protocols: one row per protocol (Table 9 layout)
+        from aeval.protocols.run import run_protocols_table
+
+        outcome = run_protocols_table(cfg)
+    else:
+        outcome = run_grid(cfg)
     console.print(failures_line(outcome), highlight=False)
     sys.exit(outcome.failures.exit_code())
 
