@@ -7,6 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from nibabel import orientations
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL = SHARED / "data" / "real"
@@ -19,3 +21,23 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) 
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     return path
+
+
+def affine_for(axcodes: str, spacing, origin=(10.0, -20.0, 30.0)) -> np.ndarray:
+    """An affine whose array axes point along ``axcodes`` (e.g. "LPS") with voxel sizes ``spacing`` (array order)."""
+    affine = np.eye(4)
+    affine[:3, :3] = 0
+    for axis, (world, sign) in enumerate(orientations.axcodes2ornt(axcodes)):
+        affine[int(world), axis] = sign * spacing[axis]
+    affine[:3, 3] = origin
+    assert "".join(nib.aff2axcodes(affine)) == axcodes
+    return affine
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks on a shared 2-core machine: one OpenMP thread is several times faster under load."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

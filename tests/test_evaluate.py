@@ -11,8 +11,8 @@ import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from test_predict import RUN_KEY, affine_for, ellipsoids, hand_plan, identity_model, run_cli, tiny_ct_plan, tiny_module
+from conftest import affine_for
+from test_predict import RUN_KEY, ellipsoids, hand_plan, identity_model, run_cli, tiny_ct_plan, tiny_module
 
 from aeval.evaluate import cell_finished, evaluate
 from aeval.labels import remap
@@ -25,13 +25,6 @@ KEY = {"protocol": "individual", "train": "flare22", "model": "stu_tiny"}
 ORGANS = [(1, (0.38, 0.42, 0.5), (0.26, 0.3, 0.34)), (3, (0.72, 0.7, 0.4), (0.14, 0.16, 0.3)),
           (9, (0.3, 0.78, 0.62), (0.12, 0.12, 0.25)), (13, (0.75, 0.3, 0.55), (0.12, 0.14, 0.3))]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def write_test_set(data_root: Path, name: str, cases: dict[str, tuple[np.ndarray, np.ndarray]],

@@ -15,9 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR, REAL, needs_real
+from conftest import CONF_DIR, REAL, affine_for, needs_real
 from hydra import compose, initialize_config_dir
-from nibabel import orientations
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -32,27 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_KEY = {"protocol": "individual", "train": "flare22", "model": "stu_tiny"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks on a shared 2-core machine: OpenMP threads spinning against other processes cost
-    ~7x; one thread is faster and the results do not depend on it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # --- builders ---------------------------------------------------------------------------------------------
-
-def affine_for(axcodes: str, spacing, origin=(-12.0, 30.0, 7.5)) -> np.ndarray:
-    """An affine whose array axes point along ``axcodes`` with voxel sizes ``spacing`` (array order)."""
-    affine = np.eye(4)
-    affine[:3, :3] = 0
-    for axis, (world, sign) in enumerate(orientations.axcodes2ornt(axcodes)):
-        affine[int(world), axis] = sign * spacing[axis]
-    affine[:3, 3] = origin
-    assert "".join(nib.aff2axcodes(affine)) == axcodes
-    return affine
 
 
 def ellipsoids(shape, blobs) -> np.ndarray:

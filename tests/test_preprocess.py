@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_nifti
+from conftest import affine_for, write_nifti
 from nibabel import orientations
 
 from aeval.data.plan import plan_datasets
@@ -38,16 +38,6 @@ from aeval.nifti import FailureLog
 
 # --- a tiny unified dataset writer (shared with test_plan / test_datamodule) ----------------------------
 
-
-def affine_for(axcodes: str, spacing, origin=(10.0, -20.0, 30.0)) -> np.ndarray:
-    """An affine whose array axes point along ``axcodes`` (e.g. "LPS") with the given voxel sizes."""
-    affine = np.eye(4)
-    affine[:3, :3] = 0
-    for axis, (world, sign) in enumerate(orientations.axcodes2ornt(axcodes)):
-        affine[int(world), axis] = sign * spacing[axis]
-    affine[:3, 3] = origin
-    assert "".join(nib.aff2axcodes(affine)) == axcodes
-    return affine
 
 
 def blob_labels(shape, blobs, rng: np.random.Generator) -> np.ndarray:

@@ -50,14 +50,6 @@ FAST_TRAINING = ["model=stu_tiny", "trainer=cpu", "logger=none", "inference=fast
                  "data.num_workers=0", "data.val_cases=1", "plan.patch_size=[32,32,32]", "preprocess_workers=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks on a shared 2-core machine: one OpenMP thread is several times faster under load."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> Path:
