@@ -34,9 +34,10 @@ def affine_for(axcodes: str, spacing, origin=(10.0, -20.0, 30.0)) -> np.ndarray:
     return affine
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tiny networks on a shared 2-core machine: one OpenMP thread is several times faster under load."""
+    """Tiny networks on a shared 2-core machine: one OpenMP thread is several times faster under load. Session
+    scope, so fixtures of every scope and the tests they feed compute with the same thread count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
