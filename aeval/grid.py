@@ -48,20 +48,6 @@ def job_config(cfg: DictConfig, train_set: str) -> DictConfig:
     return job
 
 
-def finished_checkpoint(run_dir: Path, max_epochs: int) -> Path | None:
-    """The best (else last) checkpoint of a run that already trained for ``max_epochs``."""
-    result_path = run_dir / "result.json"
-    if not result_path.exists():
-        return None
-    result = json.loads(result_path.read_text())
-    if result.get("epochs", 0) < max_epochs:
-        return None
-    for key in ("best_checkpoint", "last_checkpoint"):
-        if result.get(key) and Path(result[key]).exists():
-            return Path(result[key])
-    return None
-
-
 def run_job(job: DictConfig, test_sets: Sequence[str], failures: FailureLog) -> dict[str, Any]:
     """Train (or reuse) one model and evaluate it on every test set; returns the cell summaries."""
     key = run_key(job)
@@ -71,13 +57,8 @@ def run_job(job: DictConfig, test_sets: Sequence[str], failures: FailureLog) -> 
     if not pending:
         console.print(f"[green]{key['train']}[/green]: every cell exists, skipped", highlight=False)
         return {}
-    checkpoint = finished_checkpoint(Path(job.run_dir), int(job.trainer.max_epochs))
-    if checkpoint is None:
-        result = train(job)
-        checkpoint = result.best_checkpoint or result.last_checkpoint
-    else:
-        console.print(f"{key['train']}: reusing {checkpoint}", highlight=False)
-    model = load_model(checkpoint)
+    result = train(job)  # a run already trained to max_epochs returns its stored result at once
+    model = load_model(result.best_checkpoint or result.last_checkpoint)
     evaluation = evaluate(model, list(pending), job.paths.data_root, job.paths.results_root, key=key,
                           metric=job.metric.name, classes=job.metric.classes,
                           inference=OmegaConf.to_container(job.inference, resolve=True), failures=failures)

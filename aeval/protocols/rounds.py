@@ -31,7 +31,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from aeval.console import console
 from aeval.evaluate import evaluate
-from aeval.grid import finished_checkpoint
 from aeval.nifti import FailureLog, atomic_path, write_text_atomic
 from aeval.predict import load_model
 from aeval.protocols import ProtocolPlan, PseudoLabelled
@@ -192,10 +191,8 @@ class RoundRunner:
         job = self.round_config(index, train_sets)
         console.print(f"round {index + 1} ({spec.name}): training on {', '.join(train_sets)} -> {job.run_dir}",
                       markup=False, highlight=False)
-        checkpoint = finished_checkpoint(Path(job.run_dir), int(job.trainer.max_epochs))
-        if checkpoint is None:
-            result = train(job)
-            checkpoint = result.best_checkpoint or result.last_checkpoint
+        result = train(job)  # a round already trained to max_epochs returns its stored result at once
+        checkpoint = result.best_checkpoint or result.last_checkpoint
         record = RoundRecord(index, spec.name, self.keys[index], Path(job.run_dir), train_sets, checkpoint, False)
         write_text_atomic(record.run_dir / ROUND_MARKER, json.dumps({
             "round": index + 1, "name": spec.name, "key": record.key, "protocol": self.plan.protocol,
