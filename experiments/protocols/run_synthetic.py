@@ -4,11 +4,6 @@
 
 Runs ``experiment=protocols_demo`` (tiny STU-Net, the demo's epochs and patch) under
 ``outputs/protocols_demo`` and copies the report into this folder with the machine, date and wall time.
-
-The marginal row needs ``aeval.train`` to build :class:`~aeval.protocols.marginal_loss.MarginalSTUNetModule`
-when ``loss.partial_labels=marginal``; until ``train`` picks its module with
-:func:`~aeval.protocols.marginal_loss.module_class`, this script trains that row in a second pass with the
-class swapped in (every other row is finished by then and reused).
 """
 
 from __future__ import annotations
@@ -20,14 +15,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import aeval.train
-from aeval.protocols.marginal_loss import MarginalSTUNetModule
 from aeval.protocols.run import run_protocols_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,12 +40,7 @@ def main(overrides: list[str]) -> int:
         cfg = compose("grid", overrides=["experiment=protocols_demo", "paths.root_dir=outputs/protocols_demo",
                                          "logger=none", *overrides])
     start = time.time()
-    rows = list(OmegaConf.to_container(cfg.grid.rows))
-    marginal = [r for r in rows if (r.get("set") or {}).get("protocol.partial_labels") == "marginal"]
-    first = OmegaConf.merge(cfg, {"grid": {"rows": [r for r in rows if r not in marginal]}})
-    outcome = run_protocols_table(first)
-    with mock.patch.object(aeval.train, "STUNetModule", MarginalSTUNetModule):
-        outcome = run_protocols_table(cfg)
+    outcome = run_protocols_table(cfg)
     minutes = (time.time() - start) / 60
     if outcome.report_dir is None:
         return 1
