@@ -135,8 +135,10 @@ class FailureLog:
     def add(self, err: Exception | str, path: str | os.PathLike | None = None) -> None:
         if isinstance(err, CaseError) or path is None:
             line = str(err)
+        elif isinstance(err, str):
+            line = f"{path}: {err}"
         else:
-            line = f"{path}: {type(err).__name__}: {err}" if not isinstance(err, str) else f"{path}: {err}"
+            line = f"{path}: {type(err).__name__}: {err}"
         self.failures.append(line)
         self._print(f"[error] {line}")
 

@@ -27,7 +27,7 @@ def ensure_wandb_mode() -> str:
         os.environ["WANDB_MODE"] = "online" if wandb_configured() else "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
-    os.environ["WANDB_DISABLE_CODE"] = os.environ.get("WANDB_DISABLE_CODE", "true")
+    os.environ.setdefault("WANDB_DISABLE_CODE", "true")
     return os.environ["WANDB_MODE"]
 
 
