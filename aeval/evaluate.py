@@ -125,7 +125,7 @@ def checkpoint_key(model: LoadedModel, overrides: Mapping[str, str | None], sour
     return {name: str(value) for name, value in key.items()}
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="evaluate")
+@hydra.main(version_base=None, config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"),

@@ -29,7 +29,7 @@ from aeval.prepare import prepare, summary_table
 from aeval.report import build_report, cell_dir, read_cells
 from aeval.train import run_key, train
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 @dataclass
@@ -169,7 +169,7 @@ class ReportOnMultirunEnd(Callback):
         write_grid_report(config)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="grid")
+@hydra.main(version_base=None, config_path="conf", config_name="grid")
 def main(cfg: DictConfig) -> None:
     if cfg.grid.get("rows"):  # experiment=protocols: one row per protocol (Table 9 layout)
         from aeval.protocols.run import run_protocols_table

@@ -193,7 +193,7 @@ def print_error(line: str) -> None:
     console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="predict")
+@hydra.main(version_base=None, config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     failures = FailureLog(printer=print_error)
     try:

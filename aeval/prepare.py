@@ -75,7 +75,7 @@ def _ranges(values: list[int]) -> str:
     return ",".join(out)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="prepare")
+@hydra.main(version_base=None, config_path="conf", config_name="prepare")
 def main(cfg: DictConfig) -> None:
     if cfg.synthetic:
         from aeval.data.synthetic import generate_mini

@@ -51,7 +51,7 @@ PROTOCOL_ORDER = ("individual", "pseudo_label", "multimodal", "joint")
 MODEL_ORDER = ("stu_s", "stu_b", "stu_l", "stu_h")
 MR_TEST_SETS = frozenset({"amos_mr"})
 METRICS = ("dsc", "nsd")
-PAPER_DIR = Path(__file__).resolve().parents[1] / "experiments" / "paper"
+PAPER_DIR = Path(__file__).resolve().parent / "paper"
 PUBLISHED_MODEL = "stu_l"  # the size of the paper's tables
 
 
@@ -378,7 +378,7 @@ def organ_tables(cells: list[dict]) -> list[TextTable]:
 # --- the paper's values -----------------------------------------------------------------------------------
 
 def load_paper(paper: str | os.PathLike) -> list[dict]:
-    """Published cells: ``table3``/``table9`` (from ``experiments/paper/``, STU-Net-L) or a CSV path."""
+    """Published cells: ``table3``/``table9`` (from ``aeval/paper/``, STU-Net-L) or a CSV path."""
     path = Path(paper)
     if path.suffix:
         return read_cells_csv(path)
@@ -571,7 +571,7 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="report")
+@hydra.main(version_base=None, config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     code = run(cfg)
     if code:

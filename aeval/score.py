@@ -232,7 +232,7 @@ def run(cfg: DictConfig) -> int:
     return result.exit_code
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="score")
+@hydra.main(version_base=None, config_path="conf", config_name="score")
 def main(cfg: DictConfig) -> None:
     code = run(cfg)
     if code:

@@ -169,7 +169,7 @@ def bf16_supported(trainer_cfg: dict[str, Any]) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train")
+@hydra.main(version_base=None, config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     if cfg.protocol.name != "individual":  # protocols 2-4: every round, then evaluation of the final model
         from aeval.protocols.run import run_protocol

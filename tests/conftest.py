@@ -12,7 +12,7 @@ from nibabel import orientations
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL = SHARED / "data" / "real"
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "aeval" / "conf"
 
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real is not present")
 

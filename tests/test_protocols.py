@@ -272,7 +272,7 @@ def test_round_keys_follow_what_shapes_a_round(tmp_path):
 def test_table9_rows_are_keyed_like_the_paper(tmp_path):
     cfg = config(tmp_path, "experiment=protocols")
     keys = [row_key(row_config(cfg, row)) for row in cfg.grid.rows]
-    with open(ROOT / "experiments/paper/table9_cells.csv", newline="") as f:
+    with open(ROOT / "aeval/paper/table9_cells.csv", newline="") as f:
         paper = list(dict.fromkeys((r["protocol"], r["train"]) for r in csv.DictReader(f)))
     assert keys == paper + [("joint_marginal", "joint")]
     multimodal = row_config(cfg, {"protocol": "multimodal", "set": {"modality": "mr"}})

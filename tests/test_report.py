@@ -16,8 +16,8 @@ import pytest
 from aeval.report import build_report, cell_dir, read_cells, read_cells_csv, write_cell
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLE3 = ROOT / "experiments/paper/table3_cells.csv"
-TABLE9 = ROOT / "experiments/paper/table9_cells.csv"
+TABLE3 = ROOT / "aeval/paper/table3_cells.csv"
+TABLE9 = ROOT / "aeval/paper/table9_cells.csv"
 
 # Table 3 as quoted in the issue: rows and the row statistic, then the column statistics and the overall.
 TABLE3_ROWS = [

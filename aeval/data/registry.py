@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from aeval.labels import get_system
 
-DATASET_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+DATASET_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 
 LAYOUTS = ("paired", "totalseg")
 MODALITIES = ("CT", "MR")

@@ -37,7 +37,7 @@ from aeval.protocols import ProtocolPlan, PseudoLabelled
 from aeval.protocols.pseudo_label import is_complete, write_pseudo_labels
 from aeval.train import train
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ROUND_MARKER = "round.json"
 KEY_LENGTH = 12
 # Settings that change how a run is shown or how fast it goes, not what it learns: left out of the keys.

@@ -144,7 +144,7 @@ def write_protocols_report(cfg: DictConfig, keys: list[tuple[str, str]], failure
     return outcome
 
 
-@hydra.main(version_base=None, config_path="../../conf", config_name="grid")
+@hydra.main(version_base=None, config_path="../conf", config_name="grid")
 def main(cfg: DictConfig) -> None:
     if cfg.grid.get("rows"):
         outcome = run_protocols_table(cfg)
