@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from aeval.console import console
 from aeval.data.registry import load_dataset_config
 from aeval.data.synthetic import generate_mini
+from aeval.errors import FailureLog
 from aeval.evaluate import cell_finished, evaluate, metric_key
-from aeval.nifti import FailureLog
 from aeval.predict import load_model
 from aeval.prepare import prepare, summary_table
 from aeval.report import build_report, cell_dir, read_cells

@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from aeval.errors import CaseError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class CaseError(Exception):
-    """A problem with one input file; ``str(err)`` is the one line shown to the user."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def load_nifti(path: str | os.PathLike, *, ndim: int = 3) -> nib.Nifti1Image:
@@ -122,38 +115,3 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
-
-
-class FailureLog:
-    """Collects per-case failures of a batch command: each is printed as one line when it happens and
-    the batch carries on; :meth:`exit_code` is non-zero when anything failed."""
-
-    def __init__(self, printer: Callable[[str], None] | None = None):
-        self.failures: list[str] = []
-        self._print = printer or (lambda line: print(line, flush=True))
-
-    def add(self, err: Exception | str, path: str | os.PathLike | None = None) -> None:
-        if isinstance(err, CaseError) or path is None:
-            line = str(err)
-        elif isinstance(err, str):
-            line = f"{path}: {err}"
-        else:
-            line = f"{path}: {type(err).__name__}: {err}"
-        self.failures.append(line)
-        self._print(f"[error] {line}")
-
-    @contextmanager
-    def case(self, path: str | os.PathLike) -> Iterator[None]:
-        """Run one case; any error becomes a failure line instead of a traceback."""
-        try:
-            yield
-        except (CaseError, ValueError, OSError, RuntimeError) as err:
-            self.add(err if isinstance(err, CaseError) else CaseError(path, str(err)))
-
-    def summary(self) -> str:
-        if not self.failures:
-            return "no failures"
-        return f"{len(self.failures)} failed:\n" + "\n".join(f"  {line}" for line in self.failures)
-
-    def exit_code(self, code: int = 2) -> int:
-        return code if self.failures else 0

@@ -23,11 +23,12 @@ from torch import nn
 
 from aeval.console import console
 from aeval.data.preprocess import preprocess_image, restore_to_original
+from aeval.errors import CaseError, FailureLog
 from aeval.inference import SlidingWindowPredictor
 from aeval.labels import get_system, remap
 from aeval.models.pretrained import load_pretrained, read_checkpoint
 from aeval.models.stunet import build_stunet
-from aeval.nifti import CaseError, FailureLog, load_nifti, save_nifti
+from aeval.nifti import load_nifti, save_nifti
 
 # What preprocessing and the predictor read from a plan (an aeval plans.json; see aeval.data.plan).
 PLAN_KEYS = ("hash", "datasets", "target_spacing", "normalization", "patch_size", "pool_op_kernel_sizes")

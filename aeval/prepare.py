@@ -15,7 +15,7 @@ from rich.table import Table
 from aeval.console import console
 from aeval.data.convert import ConversionSummary, convert_dataset
 from aeval.data.registry import DatasetSpec
-from aeval.nifti import FailureLog
+from aeval.errors import FailureLog
 
 
 def prepare(datasets: Mapping[str, Mapping[str, Any]], data_root: str | Path, *, only: list[str] | None = None,

@@ -1,16 +1,9 @@
 """The A-Eval tables and figures from result cells: ``python -m aeval.report cells=FILE.csv out=…`` or
 ``python -m aeval.report results=DIR out=…``.
 
-A cell is one (protocol, training set, model, test set, metric mode) result. The evaluate stage writes
-each with :func:`write_cell` into
-
-    <results_root>/<protocol>/<train>/<model>/<test>/<metric>/summary.json   (+ cases.csv)
-
-where ``summary.json`` holds at least ``{"protocol", "train", "model", "test", "metric", "mean_dsc",
-"mean_nsd", "organs": {organ: {"dsc", "nsd"}}}`` with values as fractions 0–1 (what
-:func:`aeval.score.score_folder` produces, plus the cell's key). :func:`read_cells` turns such a tree into
-rows; a CSV gives the same rows directly (columns ``train,test,dsc,nsd`` in %, optionally ``model``,
-``protocol``, ``metric`` and ``organ`` for organ-level cells).
+A cell is one (protocol, training set, model, run, test set, metric mode) result, stored by
+:mod:`aeval.results` (which alone reads and writes cells); a CSV gives the same rows directly (columns
+``train,test,dsc,nsd`` in %, optionally ``model``, ``run``, ``protocol``, ``metric`` and ``organ``).
 
 :func:`build_report` writes the paper's Table 3 layout per model (rows = training sets, columns = test
 sets, DSC / NSD with 2 decimals, ``Mean ± SD`` per row and per column and overall, population SD; with
@@ -24,12 +17,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +29,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from aeval.nifti import CaseError, atomic_path, write_text_atomic
-from aeval.score import SUMMARY_JSON, write_scores
+from aeval.errors import CaseError
+from aeval.nifti import atomic_path, write_text_atomic
+from aeval.results import read_cells
 
 DATASET_NAMES = {
     "flare22": "FLARE22", "amos_ct": "AMOS CT", "amos_mr": "AMOS MR", "amos_ct_mr": "AMOS CT+MR",
@@ -98,12 +91,12 @@ def normalize_cells(cells) -> list[dict]:
     rows, seen = [], set()
     for i, cell in enumerate(cells):
         try:
-            row = {k: _optional(cell.get(k)) for k in ("protocol", "model", "metric", "organ")}
+            row = {k: _optional(cell.get(k)) for k in ("protocol", "model", "run", "metric", "organ")}
             row.update(train=str(cell["train"]).strip(), test=str(cell["test"]).strip(),
                        dsc=float(cell["dsc"]), nsd=float(cell["nsd"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"cell {i + 1}: needs train, test, dsc and nsd ({type(err).__name__}: {err})") from None
-        key = tuple(row[k] for k in ("protocol", "model", "metric", "organ", "train", "test"))
+        key = tuple(row[k] for k in ("protocol", "model", "run", "metric", "organ", "train", "test"))
         if key in seen:
             raise ValueError(f"cell {i + 1}: duplicate cell {key}")
         seen.add(key)
@@ -120,52 +113,6 @@ def read_cells_csv(path: str | os.PathLike) -> list[dict]:
             return normalize_cells(list(csv.DictReader(f)))
         except ValueError as err:
             raise CaseError(path, str(err)) from None
-
-
-def cell_dir(results_root: str | os.PathLike, protocol: str, train: str, model: str, test: str,
-             metric: str) -> Path:
-    """Folder of one cell: ``<results_root>/<protocol>/<train>/<model>/<test>/<metric>``."""
-    return Path(results_root, protocol, train, model, test, metric)
-
-
-def write_cell(results_root: str | os.PathLike, protocol: str, train: str, model: str, test: str, metric: str,
-               summary: Mapping, rows: Iterable[Mapping] | None = None) -> Path:
-    """Write one cell (``summary.json`` with the cell's key added, and ``cases.csv`` when ``rows`` are given)
-    atomically; ``summary`` is what :func:`aeval.score.score_folder` returns as ``.summary``."""
-    folder = cell_dir(results_root, protocol, train, model, test, metric)
-    full = {**summary, "protocol": protocol, "train": train, "model": model, "test": test, "metric": metric}
-    if rows is None:
-        write_text_atomic(folder / SUMMARY_JSON, json.dumps(full, indent=2) + "\n")
-    else:
-        write_scores(folder, rows, full)
-    return folder
-
-
-def read_cells(results_dir: str | os.PathLike, problems: list[str] | None = None) -> list[dict]:
-    """Cell rows (in %) and organ-level rows from every ``summary.json`` of the layout above. Unreadable
-    or empty cells are skipped and described in ``problems``."""
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise CaseError(results_dir, "results folder not found")
-    problems = problems if problems is not None else []
-    rows = []
-    for path in sorted(results_dir.glob("*/*/*/*/*/" + SUMMARY_JSON)):
-        protocol, train, model, test, metric = path.relative_to(results_dir).parts[:5]
-        try:
-            summary = json.loads(path.read_text())
-            key = {"protocol": summary.get("protocol", protocol), "train": summary.get("train", train),
-                   "model": summary.get("model", model), "test": summary.get("test", test),
-                   "metric": summary.get("metric", metric)}
-            if summary.get("mean_dsc") is None or summary.get("mean_nsd") is None:
-                problems.append(f"{path}: no scored cases")
-                continue
-            rows.append({**key, "organ": None, "dsc": 100 * summary["mean_dsc"], "nsd": 100 * summary["mean_nsd"]})
-            for organ, values in (summary.get("organs") or {}).items():
-                if values.get("dsc") is not None and values.get("nsd") is not None:
-                    rows.append({**key, "organ": organ, "dsc": 100 * values["dsc"], "nsd": 100 * values["nsd"]})
-        except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
-            problems.append(f"{path}: unreadable cell ({type(err).__name__}: {err})")
-    return normalize_cells(rows)
 
 
 # --- tables ---------------------------------------------------------------------------------------------
@@ -208,10 +155,13 @@ class Grid:
     row_keys: list[tuple[str | None, str]]
     tests: list[str]
     values: dict
+    variant: str | None = None
+    runs: dict = field(default_factory=dict)  # (protocol, train) -> the run hash(es) its cells came from
 
     @property
     def title(self) -> str:
-        parts = [display(self.model) if self.model else "", f"metric {self.metric}" if self.metric else ""]
+        parts = [display(self.model) if self.model else "", f"run {self.variant}" if self.variant else "",
+                 f"metric {self.metric}" if self.metric else ""]
         return " · ".join(p for p in parts if p) or "Train × test grid"
 
     def label(self, key: tuple[str | None, str]) -> str:
@@ -245,23 +195,46 @@ class Grid:
         return [f"{self.label(k)} → {display(t)}" for k in self.row_keys for t in self.tests if self.cell(k, t) is None]
 
 
+def _variants(picked: list[dict]) -> list[str | None]:
+    """Runs to report apart: a caller's ``variant`` labels, else the run hashes when one (protocol, train,
+    test) holds cells of several runs (a seed sweep); one unnamed grid otherwise."""
+    if any(c.get("variant") for c in picked):
+        return _order((c.get("variant") for c in picked), ())
+    slots = {}
+    for c in picked:
+        slots.setdefault((c["protocol"], c["train"], c["test"]), set()).add(c.get("run"))
+    if any(len(runs) > 1 for runs in slots.values()):
+        return _order((c.get("run") for c in picked), ())
+    return [None]
+
+
 def _grids(cells: list[dict]) -> list[Grid]:
     grids = []
     for metric in _order((c["metric"] for c in cells), ("aeval", "flare22")):
         for model in _order((c["model"] for c in cells if c["metric"] == metric), MODEL_ORDER):
-            picked = [c for c in cells if c["metric"] == metric and c["model"] == model]
-            protocols = _order((c["protocol"] for c in picked), PROTOCOL_ORDER)
-            trains = _order((c["train"] for c in picked), TRAIN_ORDER)
-            row_keys = [(p, t) for p in protocols for t in trains
-                        if any(c["protocol"] == p and c["train"] == t for c in picked)]
-            if len(protocols) > 1:  # keep a training set's rows together
-                row_keys.sort(key=lambda k: trains.index(k[1]))
-            values: dict = {}
-            for c in picked:
-                values.setdefault((c["protocol"], c["train"]), {})[c["test"]] = {m: c[m] for m in METRICS}
-            tests = _order((c["test"] for c in picked), TEST_ORDER)
-            grids.append(Grid(metric, model, row_keys, tests, values))
+            of_model = [c for c in cells if c["metric"] == metric and c["model"] == model]
+            for variant in _variants(of_model):
+                picked = [c for c in of_model if variant is None or variant in (c.get("variant"), c.get("run"))]
+                grids.append(_grid(metric, model, variant, picked))
     return grids
+
+
+def _grid(metric: str | None, model: str | None, variant: str | None, picked: list[dict]) -> Grid:
+    protocols = _order((c["protocol"] for c in picked), PROTOCOL_ORDER)
+    trains = _order((c["train"] for c in picked), TRAIN_ORDER)
+    row_keys = [(p, t) for p in protocols for t in trains
+                if any(c["protocol"] == p and c["train"] == t for c in picked)]
+    if len(protocols) > 1:  # keep a training set's rows together
+        row_keys.sort(key=lambda k: trains.index(k[1]))
+    values: dict = {}
+    runs: dict = {}
+    for c in picked:
+        values.setdefault((c["protocol"], c["train"]), {})[c["test"]] = {m: c[m] for m in METRICS}
+        if c.get("run"):
+            runs.setdefault((c["protocol"], c["train"]), set()).add(c["run"])
+    tests = _order((c["test"] for c in picked), TEST_ORDER)
+    return Grid(metric, model, row_keys, tests, values, variant,
+                {key: ",".join(sorted(found)) for key, found in runs.items()})
 
 
 def _pair(dsc: str, nsd: str) -> str:
@@ -299,6 +272,8 @@ def grid_table(grid: Grid) -> TextTable:
             bottom.append(stat(tests=[column]))
     rows.append(bottom)
     notes = ["DSC / NSD in %; SD is the population SD (ddof=0)."]
+    if grid.runs:
+        notes.append("Runs: " + "; ".join(f"{grid.label(k)} {grid.runs[k]}" for k in grid.row_keys if k in grid.runs))
     missing = grid.missing()
     if missing:
         notes.append(f"Missing cells ({len(missing)}, means over the present ones): " + "; ".join(missing))
@@ -310,7 +285,7 @@ def grid_csv_rows(grid: Grid) -> list[dict]:
     out = []
     for key in grid.row_keys:
         row = {"metric": grid.metric or "", "model": grid.model or "", "protocol": key[0] or "", "train": key[1],
-               "label": grid.label(key)}
+               "run": grid.runs.get(key, ""), "label": grid.label(key)}
         for t in grid.tests:
             c = grid.cell(key, t)
             for m in METRICS:
@@ -320,7 +295,7 @@ def grid_csv_rows(grid: Grid) -> list[dict]:
             row[f"mean_{m}"], row[f"sd_{m}"] = _round(mean), _round(sd)
         out.append(row)
     for stat_name, index in (("column mean", 0), ("column sd", 1)):
-        row = {"metric": grid.metric or "", "model": grid.model or "", "protocol": "", "train": "",
+        row = {"metric": grid.metric or "", "model": grid.model or "", "protocol": "", "train": "", "run": "",
                "label": stat_name}
         for t in grid.tests:
             for m in METRICS:
@@ -340,7 +315,8 @@ def _round(value):
 
 def model_size_table(grids: list[Grid]) -> TextTable:
     """Figure 3 as a table: per model, mean ± SD over all its cells."""
-    rows = [[display(g.model), _fmt_mean_sd(g.present("dsc")), _fmt_mean_sd(g.present("nsd")),
+    rows = [[display(g.model) + (f" ({g.variant})" if g.variant else ""), _fmt_mean_sd(g.present("dsc")),
+             _fmt_mean_sd(g.present("nsd")),
              str(len(g.present("dsc")))] for g in grids]
     metric = grids[0].metric
     title = "Model sizes — mean ± SD over the cells" + (f" · metric {metric}" if metric else "")

@@ -11,9 +11,6 @@ and the command exits with code 2.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import sys
@@ -29,13 +26,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system, remap
 from aeval.metrics import CLASS_SPACES, score_case, scoring_rules, surfel_area_table
-from aeval.nifti import CaseError, FailureLog, read_label, spacing_of, write_text_atomic
+from aeval.nifti import read_label, spacing_of
+from aeval.results import CASES_CSV, SUMMARY_JSON, write_scores
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-CASES_CSV = "cases.csv"
-SUMMARY_JSON = "summary.json"
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -111,19 +108,6 @@ def summarize(rows: Iterable[Mapping], organs: Iterable[str]) -> dict:
         per_organ[organ] = {m: (float(np.mean([r[m] for r in picked])) if picked else None) for m in ("dsc", "nsd")}
     overall = {f"mean_{m}": (float(np.mean([r[m] for r in rows])) if rows else None) for m in ("dsc", "nsd")}
     return {**overall, "n_cases": len({r["case"] for r in rows}), "organs": per_organ}
-
-
-def write_scores(out_dir: str | os.PathLike, rows: Iterable[Mapping], summary: Mapping) -> Path:
-    """``cases.csv`` and ``summary.json`` in ``out_dir``, each written atomically."""
-    out_dir = Path(out_dir)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "organ", "dsc", "nsd"])
-    for r in rows:
-        writer.writerow([r["case"], r["organ"], repr(float(r["dsc"])), repr(float(r["nsd"]))])
-    write_text_atomic(out_dir / CASES_CSV, buffer.getvalue())
-    write_text_atomic(out_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
-    return out_dir
 
 
 def summary_table(summary: Mapping, title: str = "") -> Table:

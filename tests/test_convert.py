@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from aeval.data.convert import convert_dataset
 from aeval.data.registry import DatasetSpec
+from aeval.errors import FailureLog
 from aeval.labels import get_system
-from aeval.nifti import FailureLog
 from aeval.prepare import prepare
 
 SHAPE = (12, 10, 8)

@@ -11,12 +11,12 @@ import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
+from aeval.evaluate import cell_finished, evaluate
 from conftest import affine_for
 from test_predict import RUN_KEY, ellipsoids, hand_plan, identity_model, run_cli, tiny_ct_plan, tiny_module
 
-from aeval.evaluate import cell_finished, evaluate
+from aeval.errors import FailureLog
 from aeval.labels import remap
-from aeval.nifti import FailureLog
 from aeval.report import build_report, read_cells
 
 SPACING = (1.2, 1.2, 2.5)

@@ -22,9 +22,9 @@ from torch import nn
 
 from aeval.data.plan import divisible_patch, plan_hash
 from aeval.data.preprocess import ras_order, ras_transform
+from aeval.errors import CaseError, FailureLog
 from aeval.models.stunet import build_stunet
 from aeval.module import STUNetModule
-from aeval.nifti import CaseError, FailureLog
 from aeval.predict import LoadedModel, load_model, predict_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,8 +33,8 @@ from aeval.data.preprocess import (
     restore_to_original,
     to_ras,
 )
+from aeval.errors import FailureLog
 from aeval.labels import remap
-from aeval.nifti import FailureLog
 
 # --- a tiny unified dataset writer (shared with test_plan / test_datamodule) ----------------------------
 

@@ -21,9 +21,10 @@ from aeval.data.plan import plan_hash
 from aeval.data.preprocess import preprocess_image
 from aeval.data.registry import load_dataset_config
 from aeval.data.synthetic import generate_mini
+from aeval.errors import FailureLog
 from aeval.labels import flare22_sets, get_system, remap
 from aeval.models.stunet import build_stunet
-from aeval.nifti import FailureLog, read_label
+from aeval.nifti import read_label
 from aeval.predict import LoadedModel, load_model, make_predictor, predict_files
 from aeval.prepare import prepare
 from aeval.protocols import rounds as rounds_module

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from aeval.errors import CaseError
 from aeval.models import STUNet, build_stunet, load_pretrained
 from aeval.models.stunet import forward_cost, main, summarize
-from aeval.nifti import CaseError
 
 # Published by the STU-Net authors (1 input channel, 105 TotalSegmentator classes).
 PUBLISHED_PARAMS = {"s": 14_596_941, "b": 58_262_669, "l": 440_302_605, "h": 1_457_326_221}

@@ -26,10 +26,9 @@ import nibabel as nib
 import numpy as np
 
 from aeval.data.registry import DatasetSpec, RawCase
+from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system
 from aeval.nifti import (
-    CaseError,
-    FailureLog,
     atomic_path,
     check_same_geometry,
     load_nifti,

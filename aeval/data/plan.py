@@ -33,10 +33,9 @@ from aeval.data.preprocess import (
     to_ras,
     training_cases,
 )
+from aeval.errors import CaseError, FailureLog
 from aeval.labels import FLARE22_ORGANS
 from aeval.nifti import (
-    CaseError,
-    FailureLog,
     check_same_geometry,
     read_image,
     read_label,

@@ -43,10 +43,9 @@ from nibabel import orientations
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from scipy import ndimage
 
+from aeval.errors import CaseError, FailureLog
 from aeval.labels import COMPOSITE_ORGANS, FLARE22_ORGANS, flare22_sets, get_system
 from aeval.nifti import (
-    CaseError,
-    FailureLog,
     atomic_path,
     check_same_geometry,
     load_nifti,

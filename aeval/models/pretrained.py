@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aeval.nifti import CaseError
+from aeval.errors import CaseError
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,9 @@ from scipy import ndimage
 
 from aeval.console import console
 from aeval.data.preprocess import preprocess_image, training_cases
+from aeval.errors import CaseError, FailureLog
 from aeval.labels import FLARE22_ORGANS, annotated_classes, flare22_sets, get_system, remap
-from aeval.nifti import CaseError, FailureLog, load_nifti, read_label, save_nifti, write_text_atomic
+from aeval.nifti import load_nifti, read_label, save_nifti, write_text_atomic
 from aeval.predict import LoadedModel, make_predictor, predict_files
 from aeval.protocols import ProtocolPlan, PseudoLabelled, Round
 

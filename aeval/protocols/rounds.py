@@ -30,8 +30,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from aeval.console import console
+from aeval.errors import FailureLog
 from aeval.evaluate import evaluate
-from aeval.nifti import FailureLog, atomic_path, write_text_atomic
+from aeval.nifti import atomic_path, write_text_atomic
 from aeval.predict import load_model
 from aeval.protocols import ProtocolPlan, PseudoLabelled
 from aeval.protocols.pseudo_label import is_complete, write_pseudo_labels

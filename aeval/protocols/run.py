@@ -20,8 +20,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from aeval.console import console
+from aeval.errors import FailureLog
 from aeval.grid import GridOutcome, failures_line, job_config, prepare_synthetic, run_job
-from aeval.nifti import FailureLog
 from aeval.protocols import ProtocolPlan, joint, multimodal, pseudo_label
 from aeval.protocols.rounds import CONF_DIR, ProtocolOutcome, run_plan
 from aeval.report import build_report, read_cells
