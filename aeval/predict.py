@@ -8,13 +8,11 @@ checkpoints (``.model`` / ``.pth``) together with an aeval ``plans.json`` and a 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +21,7 @@ from torch import nn
 
 from aeval.console import console
 from aeval.data.preprocess import preprocess_image, restore_to_original
+from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.inference import SlidingWindowPredictor
 from aeval.labels import get_system, remap
@@ -194,22 +193,17 @@ def print_error(line: str) -> None:
     console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
+def predict_job(cfg: DictConfig) -> int:
     failures = FailureLog(printer=print_error)
-    try:
-        model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"),
-                           label_system=cfg.get("model_labels"))
-        inputs = list_inputs(cfg.input)
-        written = predict_files(model, inputs, cfg.output, to_system=cfg.get("to_labels"),
-                                inference=OmegaConf.to_container(cfg.inference, resolve=True), failures=failures)
-    except (CaseError, ValueError) as err:
-        print_error(f"[error] {err}")
-        sys.exit(2)
+    model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"), label_system=cfg.get("model_labels"))
+    written = predict_files(model, list_inputs(cfg.input), cfg.output, to_system=cfg.get("to_labels"),
+                            inference=OmegaConf.to_container(cfg.inference, resolve=True), failures=failures)
     console.print(f"{len(written)} segmentation(s) written to {cfg.output}; {failures.summary()}",
                   markup=False, highlight=False, soft_wrap=True)
-    sys.exit(failures.exit_code())
+    return failures.exit_code()
 
+
+main = hydra_entry("predict", predict_job)
 
 if __name__ == "__main__":
     main()

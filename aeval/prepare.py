@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 from rich.table import Table
@@ -15,6 +13,7 @@ from rich.table import Table
 from aeval.console import console
 from aeval.data.convert import ConversionSummary, convert_dataset
 from aeval.data.registry import DatasetSpec
+from aeval.entry import hydra_entry
 from aeval.errors import FailureLog
 
 
@@ -75,8 +74,7 @@ def _ranges(values: list[int]) -> str:
     return ",".join(out)
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="prepare")
-def main(cfg: DictConfig) -> None:
+def prepare_job(cfg: DictConfig) -> int:
     if cfg.synthetic:
         from aeval.data.synthetic import generate_mini
 
@@ -87,8 +85,10 @@ def main(cfg: DictConfig) -> None:
                                   num_workers=cfg.num_workers)
     console.print(summary_table(summaries))
     console.print(f"unified datasets in {cfg.paths.data_root}; {failures.summary()}", highlight=False)
-    sys.exit(failures.exit_code())
+    return failures.exit_code()
 
+
+main = hydra_entry("prepare", prepare_job)
 
 if __name__ == "__main__":
     main()

@@ -20,15 +20,14 @@ import io
 import math
 import os
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from aeval.entry import hydra_entry
 from aeval.errors import CaseError
 from aeval.nifti import atomic_path, write_text_atomic
 from aeval.results import read_cells
@@ -547,12 +546,7 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="report")
-def main(cfg: DictConfig) -> None:
-    code = run(cfg)
-    if code:
-        sys.exit(code)
-
+main = hydra_entry("report", run)
 
 if __name__ == "__main__":
     main()

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system, remap
 from aeval.metrics import CLASS_SPACES, score_case, scoring_rules, surfel_area_table
@@ -216,12 +215,7 @@ def run(cfg: DictConfig) -> int:
     return result.exit_code
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="score")
-def main(cfg: DictConfig) -> None:
-    code = run(cfg)
-    if code:
-        sys.exit(code)
-
+main = hydra_entry("score", run)
 
 if __name__ == "__main__":
     main()

@@ -11,16 +11,18 @@ import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
-from aeval.evaluate import cell_finished, evaluate
 from conftest import affine_for
 from test_predict import RUN_KEY, ellipsoids, hand_plan, identity_model, run_cli, tiny_ct_plan, tiny_module
 
 from aeval.errors import FailureLog
+from aeval.evaluation import evaluate
+from aeval.keys import CellKey, RunKey
 from aeval.labels import remap
-from aeval.report import build_report, read_cells
+from aeval.report import build_report
+from aeval.results import cell_finished, read_cells
 
 SPACING = (1.2, 1.2, 2.5)
-KEY = {"protocol": "individual", "train": "flare22", "model": "stu_tiny"}
+KEY = RunKey("individual", "flare22", "stu_tiny", "0123abcd")
 # FLARE22 ids: 1 liver, 3 spleen, 9 gallbladder, 13 left kidney; each spans several slices
 ORGANS = [(1, (0.38, 0.42, 0.5), (0.26, 0.3, 0.34)), (3, (0.72, 0.7, 0.4), (0.14, 0.16, 0.3)),
           (9, (0.3, 0.78, 0.62), (0.12, 0.12, 0.25)), (13, (0.75, 0.3, 0.55), (0.12, 0.14, 0.3))]
@@ -73,7 +75,8 @@ def test_cells_have_the_expected_scores_and_the_report_reads_them(tmp_path):
     result = evaluate(model, ["alpha", "missing", "beta", "gamma"], data_root, results, key=KEY,
                       inference={"mirror_axes": []}, failures=failures)
 
-    cell = {t: results / "individual" / "flare22" / "stu_tiny" / t / "aeval" for t in ("alpha", "beta", "gamma")}
+    cell = {t: results / "individual" / "flare22" / "stu_tiny" / "0123abcd" / t / "aeval"
+            for t in ("alpha", "beta", "gamma")}
     assert result.written == [cell["alpha"], cell["beta"], cell["gamma"]] and result.skipped == []
     assert len(failures.failures) == 2, failures.failures  # no extra "prediction missing" line for g0
     assert failures.failures[0].startswith(str(data_root / "missing")) and "dataset.json" in failures.failures[0]
@@ -83,9 +86,10 @@ def test_cells_have_the_expected_scores_and_the_report_reads_them(tmp_path):
     assert alpha["mean_dsc"] == pytest.approx(1.0) and alpha["mean_nsd"] == pytest.approx(1.0)
     assert beta["mean_dsc"] == pytest.approx(15 / 16) and beta["mean_nsd"] == pytest.approx(15 / 16)
     assert beta["organs"]["liver"]["dsc"] == pytest.approx(0.5)
-    assert {k: beta[k] for k in ("protocol", "train", "model", "test", "metric")} == {**KEY, "test": "beta",
-                                                                                      "metric": "aeval"}
-    assert gamma["n_failed"] == 1 and not cell_finished(cell["gamma"]) and cell_finished(cell["alpha"])
+    assert CellKey(**{k: beta[k] for k in CellKey.__dataclass_fields__}) == KEY.cell("beta", "aeval")
+    assert beta["n_cases"] == beta["n_expected"] == 2
+    assert gamma["n_failed"] == 1 and gamma["n_cases"] == 1 and gamma["n_expected"] == 2
+    assert not cell_finished(results, KEY.cell("gamma", "aeval")) and cell_finished(results, KEY.cell("alpha", "aeval"))
     with open(cell["beta"] / "cases.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 8  # two cases, eight A-Eval organs
@@ -129,9 +133,10 @@ def test_cli_keys_the_cells_by_the_checkpoints_run(tmp_path):
 
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    cell = tmp_path / "outputs" / "results" / RUN_KEY["protocol"] / RUN_KEY["train"] / RUN_KEY["model"] / "alpha"
+    run = RunKey.from_mapping(RUN_KEY)
+    cell = tmp_path / "outputs" / "results" / run.protocol / run.train / run.model / run.run / "alpha"
     summary = summary_of(cell / "aeval")
-    assert {k: summary[k] for k in ("protocol", "train", "model", "test")} == {**RUN_KEY, "test": "alpha"}
+    assert {k: summary[k] for k in ("protocol", "train", "model", "run", "test")} == {**RUN_KEY, "test": "alpha"}
     assert summary["n_cases"] == 1 and summary["n_failed"] == 0
     prediction = nib.load(cell / "predictions" / "a0.nii.gz")
     assert prediction.shape == labels.shape and prediction.get_data_dtype() == np.uint8

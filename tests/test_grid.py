@@ -9,7 +9,8 @@ from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from aeval.data.synthetic import DEFAULT_CASES, generate_mini
-from aeval.grid import run_grid
+from aeval.keys import run_hash
+from aeval.orchestration.grid import GridRow, row_config, run_grid
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -44,10 +45,11 @@ def test_two_cell_sweep_skips_finished_cells_and_reports_failures(tmp_path, no_w
     generate_mini(cfg.paths.raw_root, dict(cfg.grid.synthetic), progress=False)
     shutil.rmtree(cfg.paths.raw_root + "/BTCV/RawData/Training/label")
     outcome = run_grid(cfg)
-    results = root / "outputs/results/individual/flare22/stu_tiny"
+    run = run_hash(row_config(cfg, GridRow("flare22", "individual", "flare22")))
+    results = root / f"outputs/results/individual/flare22/stu_tiny/{run}"
     assert (results / "flare22/aeval/summary.json").exists()
     assert not (results / "btcv/aeval/summary.json").exists()
-    assert outcome.missing == [("flare22", "btcv")]
+    assert outcome.missing == [(f"individual/flare22/stu_tiny/{run}", "btcv")]
     assert outcome.failures.exit_code() == 2 and any("btcv" in line for line in outcome.failures.failures)
     report = (root / "outputs/results/reports/individual/stu_tiny/aeval/grid.md").read_text()
     assert "FLARE22" in report
@@ -57,7 +59,7 @@ def test_two_cell_sweep_skips_finished_cells_and_reports_failures(tmp_path, no_w
     generate_mini(cfg.paths.raw_root, dict(cfg.grid.synthetic), progress=False)
     finished = results / "flare22/aeval/summary.json"
     stamp = finished.stat().st_mtime_ns
-    run_result = root / "outputs/logs/train/individual/flare22/stu_tiny/result.json"
+    run_result = root / f"outputs/logs/train/individual/flare22/stu_tiny/{run}/result.json"
     trained = run_result.stat().st_mtime_ns
     outcome = run_grid(cfg)
     assert outcome.missing == [] and outcome.failures.exit_code() == 0

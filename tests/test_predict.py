@@ -28,7 +28,7 @@ from aeval.module import STUNetModule
 from aeval.predict import LoadedModel, load_model, predict_files
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_KEY = {"protocol": "individual", "train": "flare22", "model": "stu_tiny"}
+RUN_KEY = {"protocol": "individual", "train": "flare22", "model": "stu_tiny", "run": "5eed5eed"}
 
 
 

@@ -19,26 +19,19 @@ from omegaconf import OmegaConf
 
 from aeval.data.plan import plan_hash
 from aeval.data.preprocess import preprocess_image
-from aeval.data.registry import load_dataset_config
 from aeval.data.synthetic import generate_mini
 from aeval.errors import FailureLog
 from aeval.labels import flare22_sets, get_system, remap
 from aeval.models.stunet import build_stunet
 from aeval.nifti import read_label
+from aeval.orchestration.grid import GridRow, grid_rows, report_runs, report_spec, row_config, row_key, run_grid
 from aeval.predict import LoadedModel, load_model, make_predictor, predict_files
 from aeval.prepare import prepare
 from aeval.protocols import rounds as rounds_module
 from aeval.protocols.pseudo_label import case_confidence, complete_labels, write_pseudo_labels
 from aeval.protocols.rounds import ROUND_MARKER, RoundRunner
-from aeval.protocols.run import (
-    protocol_plan,
-    row_config,
-    row_key,
-    run_protocol,
-    run_protocols_table,
-    write_protocols_report,
-)
-from aeval.report import write_cell
+from aeval.protocols.run import protocol_plan, run_protocol
+from aeval.results import write_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 WORD = {name: i for i, name in get_system("word").names.items()}
@@ -60,7 +53,9 @@ def mini(tmp_path_factory) -> Path:
              "data_root": str(root / "data_root/unified")}
     generate_mini(paths["raw_root"], TINY_MINI, progress=False)
     names = ["flare22", "flare22_unlabeled", "word"]
-    _, failures = prepare({n: load_dataset_config(n, paths) for n in names}, paths["data_root"])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        datasets = compose("prepare", overrides=[f"paths.root_dir={root}"]).datasets
+    _, failures = prepare({n: OmegaConf.to_container(datasets[n], resolve=True) for n in names}, paths["data_root"])
     assert not failures.failures
     return root
 
@@ -104,7 +99,7 @@ def test_pseudo_label_protocol_labels_every_unlabelled_case(mini, tmp_path):
     # round 2 trained on labelled + pseudo-labelled, and the final cells are keyed pseudo_label / flare22
     trained = OmegaConf.load(student.run_dir / "config.yaml")
     assert list(trained.train_sets) == student.train_sets
-    cell = Path(cfg.paths.results_root) / "pseudo_label/flare22/stu_tiny/flare22/aeval"
+    cell = Path(cfg.paths.results_root) / f"pseudo_label/flare22/stu_tiny/{outcome.run_key.run}/flare22/aeval"
     assert outcome.cells == [cell]
     summary = json.loads((cell / "summary.json").read_text())
     assert (summary["protocol"], summary["train"], summary["test"]) == ("pseudo_label", "flare22", "flare22")
@@ -224,7 +219,7 @@ def test_joint_protocol_resumes_at_round_two(mini, monkeypatch):
     assert second.rounds[0].key == round1.key and trained == [second.rounds[1].run_dir]
     assert (round1.run_dir / ROUND_MARKER).stat().st_mtime_ns == marker_stamp
     assert round1.checkpoint.stat().st_mtime_ns == checkpoint_stamp
-    assert second.cells == [Path(cfg.paths.results_root) / "joint/joint/stu_tiny/word/aeval"]
+    assert second.cells == [Path(cfg.paths.results_root) / f"joint/joint/stu_tiny/{second.run_key.run}/word/aeval"]
 
     # round 2's WORD: WORD's own labels, teacher's aorta/IVC only in WORD background, adrenal split
     completed = Path(cfg.paths.data_root) / second.rounds[1].train_sets[1]
@@ -272,16 +267,16 @@ def test_round_keys_follow_what_shapes_a_round(tmp_path):
 
 def test_table9_rows_are_keyed_like_the_paper(tmp_path):
     cfg = config(tmp_path, "experiment=protocols")
-    keys = [row_key(row_config(cfg, row)) for row in cfg.grid.rows]
+    keys = [(k.protocol, k.train) for k in (row_key(row_config(cfg, row)) for row in grid_rows(cfg))]
     with open(ROOT / "aeval/paper/table9_cells.csv", newline="") as f:
         paper = list(dict.fromkeys((r["protocol"], r["train"]) for r in csv.DictReader(f)))
     assert keys == paper + [("joint_marginal", "joint")]
-    multimodal = row_config(cfg, {"protocol": "multimodal", "set": {"modality": "mr"}})
+    multimodal = row_config(cfg, GridRow("mr", "multimodal", None, (("protocol.modality", "mr"),)))
     assert [r.train_sets for r in protocol_plan(multimodal).rounds] == [("amos_mr",)]
-    ct_mr = row_config(cfg, {"protocol": "multimodal", "set": {"modality": "ct_mr"}})
+    ct_mr = row_config(cfg, GridRow("ct_mr", "multimodal", None, (("protocol.modality", "ct_mr"),)))
     assert protocol_plan(ct_mr).rounds[0].train_sets == ("amos_ct", "amos_mr")
     assert "amos_mr" in protocol_plan(ct_mr).test_sets
-    marginal = protocol_plan(row_config(cfg, {"protocol": "joint", "set": {"protocol.partial_labels": "marginal"}}))
+    marginal = protocol_plan(row_config(cfg, GridRow("m", "joint", None, (("protocol.partial_labels", "marginal"),))))
     assert len(marginal.rounds) == 1 and marginal.rounds[0].train_sets == ("flare22", "amos_ct", "amos_mr",
                                                                            "totalseg", "word")
     assert dict(marginal.rounds[0].settings) == {"data.target_codes": True, "loss.partial_labels": "marginal"}
@@ -289,17 +284,18 @@ def test_table9_rows_are_keyed_like_the_paper(tmp_path):
 
 def test_protocols_report_has_the_table9_layout(tmp_path):
     cfg = config(tmp_path, "experiment=protocols", "grid.paper=null", "model=stu_l")
-    keys = [row_key(row_config(cfg, row)) for row in cfg.grid.rows]
+    keys = [row_key(row_config(cfg, row)) for row in grid_rows(cfg)]
+    assert len({k.run for k in keys}) == 1  # the rows of one sweep share their training settings
     tests = list(cfg.grid.test_sets)
     rng = np.random.default_rng(0)
     values = {}
-    for protocol, train in keys:
+    for key in keys:
         for test in tests:
             dsc, nsd = rng.uniform(0.5, 0.95, 2)
-            values[(protocol, train, test)] = (dsc, nsd)
-            write_cell(cfg.paths.results_root, protocol, train, "stu_l", test, "aeval",
-                       {"mean_dsc": dsc, "mean_nsd": nsd, "organs": {}})
-    outcome = write_protocols_report(cfg, keys, FailureLog())
+            values[(key.protocol, key.train, test)] = (dsc, nsd)
+            summary = {"mean_dsc": dsc, "mean_nsd": nsd, "organs": {}}
+            write_cell(cfg.paths.results_root, key.cell(test, "aeval"), summary)
+    outcome = report_runs(report_spec(cfg), keys, FailureLog())
     assert outcome.missing == []
     text = (outcome.report_dir / "grid.md").read_text()
     header = next(line for line in text.splitlines() if line.startswith("| Train"))
@@ -319,14 +315,15 @@ def test_protocols_report_has_the_table9_layout(tmp_path):
 def test_protocols_sweep_end_to_end(mini):
     """A small sweep through the Table 9 runner: an individual row (trained as the grid trains it), the
     pseudo-label protocol and a two-round joint protocol, then the report; a re-run trains nothing."""
-    rows = ("grid.rows=[{protocol: individual, dataset: flare22}, {protocol: pseudo_label, dataset: flare22}, "
-            "{protocol: joint, set: {protocol.labelled: [flare22], protocol.unlabeled: null}}]")
+    rows = ("grid.rows=[{name: a, protocol: individual, dataset: flare22}, "
+            "{name: b, protocol: pseudo_label, dataset: flare22}, "
+            "{name: c, protocol: joint, set: {protocol.labelled: [flare22], protocol.unlabeled: null}}]")
     cfg = config(mini, "experiment=protocols", "grid.paper=null", "grid.test_sets=[flare22,word]", rows)
-    outcome = run_protocols_table(cfg)
+    outcome = run_grid(cfg)
     assert outcome.missing == [] and not outcome.failures.failures
     text = (outcome.report_dir / "grid.md").read_text()
     labels = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")][1:4]
     assert labels == ["FLARE22 w/o PL", "FLARE22 w/ PL", "Joint"]
     stamps = {p: p.stat().st_mtime_ns for p in Path(cfg.paths.log_dir).rglob("*.ckpt")}
-    again = run_protocols_table(cfg)
+    again = run_grid(cfg)
     assert again.missing == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps

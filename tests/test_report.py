@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aeval.report import build_report, cell_dir, read_cells, read_cells_csv, write_cell
+from aeval.keys import CellKey
+from aeval.report import build_report, read_cells_csv
+from aeval.results import cell_dir, read_cells, write_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE3 = ROOT / "aeval/paper/table3_cells.csv"
@@ -170,22 +172,21 @@ def test_results_folder_round_trip(tmp_path):
         if (c["train"], c["test"]) == ("word", "btcv"):
             continue  # a cell that never finished
         rows = [{"case": "a", "organ": "liver", "dsc": c["dsc"] / 100, "nsd": c["nsd"] / 100}]
-        write_cell(results, "individual", c["train"], "stu_l", c["test"], "aeval",
+        write_cell(results, CellKey("individual", c["train"], "stu_l", "r1", c["test"], "aeval"),
                    _summary(c["dsc"] / 100, c["nsd"] / 100), rows)
-    broken = cell_dir(results, "individual", "word", "stu_l", "btcv", "flare22")
+    broken = cell_dir(results, CellKey("individual", "word", "stu_l", "r1", "btcv", "flare22"))
     broken.mkdir(parents=True)
     (broken / "summary.json").write_text("{not json")
-    summary = json.loads((cell_dir(results, "individual", "flare22", "stu_l", "btcv", "aeval") / "summary.json")
-                         .read_text())
-    assert {k: summary[k] for k in ("protocol", "train", "model", "test", "metric")} == {
-        "protocol": "individual", "train": "flare22", "model": "stu_l", "test": "btcv", "metric": "aeval"}
+    key = CellKey("individual", "flare22", "stu_l", "r1", "btcv", "aeval")
+    summary = json.loads((cell_dir(results, key) / "summary.json").read_text())
+    assert CellKey(**{k: summary[k] for k in CellKey.__dataclass_fields__}) == key
     problems = []
     cells = read_cells(results, problems)
     assert len(problems) == 1 and "unreadable cell" in problems[0]
     grid_cells = [c for c in cells if c["organ"] is None]
     assert len(grid_cells) == 19 and len(cells) == 19 * 3
     flare_btcv = next(c for c in grid_cells if (c["train"], c["test"]) == ("flare22", "btcv"))
-    assert flare_btcv["dsc"] == pytest.approx(86.11) and flare_btcv["model"] == "stu_l"
+    assert flare_btcv["dsc"] == pytest.approx(86.11) and flare_btcv["model"] == "stu_l" and flare_btcv["run"] == "r1"
     text = build_report(cells, tmp_path / "report", paper="table3", figures=False).text
     assert "### STU-Net-L · metric aeval — DSC / NSD (%)" in text
     assert "FLARE22 → BTCV" not in text and "WORD → BTCV" in text
@@ -195,7 +196,7 @@ def test_results_folder_round_trip(tmp_path):
 
 def test_cli_reads_a_results_folder(tmp_path):
     results = tmp_path / "results"
-    write_cell(results, "individual", "flare22", "stu_l", "btcv", "aeval", _summary(0.8611, 0.8928))
+    write_cell(results, CellKey("individual", "flare22", "stu_l", "r1", "btcv", "aeval"), _summary(0.8611, 0.8928))
     proc = subprocess.run([sys.executable, "-m", "aeval.report", f"results={results}", f"out={tmp_path / 'o'}",
                            f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "AEVAL_ROOT": str(tmp_path)})

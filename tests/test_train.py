@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from test_preprocess import write_unified_dataset
 
 from aeval.data.datamodule import AEvalDataModule
+from aeval.fit import train
+from aeval.keys import run_hash
 from aeval.labels import FLARE22_ORGANS
 from aeval.module import NonFiniteLossError, STUNetModule
-from aeval.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [{"shape": (40, 40, 32), "spacing": (1.5, 1.5, 2.0)}] * 3  # 2 train + 1 validation case
@@ -120,7 +121,7 @@ def assert_logged_dice_matches(metrics: dict[str, float], reference: dict[str, f
 
 def test_cpu_run_writes_checkpoints_result_and_follows_the_poly_schedule(two_epochs):
     cfg, result, rates = two_epochs
-    run_dir = Path(cfg.paths.log_dir) / "train" / "individual" / "flare22" / "stu_tiny"
+    run_dir = Path(cfg.paths.log_dir) / "train" / "individual" / "flare22" / "stu_tiny" / run_hash(cfg)
     assert result.run_dir == run_dir and (run_dir / "config.yaml").exists()
     stored = json.loads((run_dir / "result.json").read_text())
     assert stored["epochs"] == EPOCHS and stored["global_step"] == EPOCHS * ITERATIONS
@@ -134,7 +135,7 @@ def test_cpu_run_writes_checkpoints_result_and_follows_the_poly_schedule(two_epo
     checkpoint = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == EPOCHS * ITERATIONS
     assert checkpoint["hyper_parameters"]["run_key"] == {"protocol": "individual", "train": "flare22",
-                                                         "model": "stu_tiny"}
+                                                         "model": "stu_tiny", "run": run_hash(cfg)}
     assert checkpoint["hyper_parameters"]["plan"]["patch_size"] == [16, 16, 16]
 
 
@@ -213,13 +214,13 @@ def test_cli_trains_and_writes_the_result(data_root, tmp_path):
     completed = subprocess.run([sys.executable, "-m", "aeval.train", *overrides], cwd=REPO, capture_output=True,
                                text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    run_dir = tmp_path / "train" / "individual" / "flare22" / "stu_tiny"
+    (run_dir,) = (tmp_path / "train" / "individual" / "flare22" / "stu_tiny").iterdir()
     stored = json.loads((run_dir / "result.json").read_text())
     assert (stored["epochs"], stored["global_step"]) == (1, 1)
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert OmegaConf.load(run_dir / "config.yaml").plan.patch_size == [16, 16, 16]  # the resolved config
     assert list((run_dir / "csv").rglob("metrics.csv"))
-    assert "trained individual-flare22-stu_tiny" in completed.stdout
+    assert f"trained individual-flare22-stu_tiny-{run_dir.name}" in completed.stdout + completed.stderr
 
 
 def test_ddp_cpu_two_processes_draw_different_patches_and_gather_the_dice(data_root, tmp_path):

@@ -10,11 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from aeval.labels import get_system
-
-DATASET_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 
 LAYOUTS = ("paired", "totalseg")
 MODALITIES = ("CT", "MR")
@@ -104,13 +100,3 @@ class DatasetSpec:
             folder = self.raw_dir / row["image_id"]
             cases.append(RawCase(row["image_id"], split, folder / "ct.nii.gz", folder / "segmentations"))
         return sorted(cases, key=lambda c: c.case)
-
-
-def load_dataset_config(name: str, paths: Mapping[str, Any]) -> dict[str, Any]:
-    """``conf/dataset/<name>.yaml`` with ``${paths.*}`` resolved against ``paths``."""
-    path = DATASET_CONF_DIR / f"{name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in DATASET_CONF_DIR.glob("*.yaml"))
-        raise KeyError(f"unknown dataset '{name}'; known: {', '.join(known)}")
-    merged = OmegaConf.merge({"paths": dict(paths)}, {"dataset": OmegaConf.load(path)})
-    return OmegaConf.to_container(merged, resolve=True)["dataset"]

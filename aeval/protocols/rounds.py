@@ -14,12 +14,12 @@ On disk (``R`` = ``{paths.log_dir}/protocols/{protocol}/{train}/stu_{size}``)::
 
 A re-run skips finished rounds and resumes the first unfinished one (an interrupted training continues from
 its ``last.ckpt``, a half-written pseudo-label dataset from the cases already predicted). The final round's
-cells are copied to ``{paths.results_root}/{protocol}/{train}/{model}/...`` where reports read them.
+cells are copied to ``{paths.results_root}/{protocol}/{train}/{model}/{run}/...`` (:mod:`aeval.results`), where
+reports read them; ``run`` is the hash of the training settings (:func:`aeval.keys.run_hash`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -31,20 +31,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from aeval.console import console
 from aeval.errors import FailureLog
-from aeval.evaluate import evaluate
+from aeval.evaluation import evaluate
+from aeval.fit import train
+from aeval.keys import RunKey, digest, model_name, run_hash, training_settings
 from aeval.nifti import atomic_path, write_text_atomic
 from aeval.predict import load_model
 from aeval.protocols import ProtocolPlan, PseudoLabelled
 from aeval.protocols.pseudo_label import is_complete, write_pseudo_labels
-from aeval.train import train
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ROUND_MARKER = "round.json"
-KEY_LENGTH = 12
-# Settings that change how a run is shown or how fast it goes, not what it learns: left out of the keys.
-COSMETIC = {"trainer": ("enable_progress_bar", "log_every_n_steps", "enable_model_summary"),
-            "data": ("num_workers",)}
-TRAINING_SETTINGS = ("model", "trainer", "data", "optim", "plan", "seed", "loss")
 
 
 @dataclass
@@ -64,29 +59,7 @@ class ProtocolOutcome:
     rounds: list[RoundRecord] = field(default_factory=list)
     cells: list[Path] = field(default_factory=list)
     failures: FailureLog = field(default_factory=FailureLog)
-
-
-def digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:KEY_LENGTH]
-
-
-def training_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The part of a training config that shapes the model (what the round keys hash)."""
-    settings = {}
-    for name in TRAINING_SETTINGS:
-        value = cfg.get(name)
-        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in COSMETIC.get(name, ())}
-        settings[name] = value
-    return settings
-
-
-def group_config(cfg: DictConfig, group: str, default: str) -> dict[str, Any]:
-    """``cfg[group]`` when composed (grid/evaluate configs), else ``conf/{group}/{default}.yaml``."""
-    if cfg.get(group) is not None:
-        return OmegaConf.to_container(cfg[group], resolve=True)
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{default}.yaml"), resolve=True)
+    run_key: RunKey | None = None
 
 
 class RoundRunner:
@@ -95,10 +68,10 @@ class RoundRunner:
     def __init__(self, cfg: DictConfig, plan: ProtocolPlan, failures: FailureLog | None = None):
         self.cfg, self.plan = cfg, plan
         self.failures = failures if failures is not None else FailureLog()
-        self.inference = group_config(cfg, "inference", "default")
-        self.metric = group_config(cfg, "metric", "aeval")
-        self.model_name = f"stu_{cfg.model.size}"
-        self.root = Path(cfg.paths.log_dir) / "protocols" / plan.protocol / plan.train / self.model_name
+        self.inference = OmegaConf.to_container(cfg.inference, resolve=True)
+        self.metric = OmegaConf.to_container(cfg.metric, resolve=True)
+        self.run_key = RunKey(plan.protocol, plan.train, model_name(cfg.model.size), run_hash(cfg))
+        self.root = Path(cfg.paths.log_dir) / "protocols" / plan.protocol / plan.train / self.run_key.model
         self.keys = self._round_keys()
 
     def _pseudo_identity(self, item: PseudoLabelled, keys: list[str]) -> dict[str, Any]:
@@ -180,7 +153,7 @@ class RoundRunner:
         job = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=False))
         job.train_sets = list(train_sets)
         job.run_dir = str(self.round_dir(index))
-        job.run_name = f"{self.plan.protocol}-{self.plan.train}-round{index + 1}-{self.model_name}"
+        job.run_name = f"{self.plan.protocol}-{self.plan.train}-round{index + 1}-{self.run_key.model}"
         job.ckpt_path = None
         for dotted, value in self.plan.rounds[index].settings:
             OmegaConf.update(job, dotted, value, force_add=True)
@@ -203,9 +176,8 @@ class RoundRunner:
 
     def evaluate_round(self, record: RoundRecord, test_sets: Sequence[str] | None = None) -> list[Path]:
         """Cells of a round's model in ``{round}/results`` (finished cells are skipped); returns them."""
-        key = {"protocol": self.plan.protocol, "train": self.plan.train, "model": self.model_name}
         evaluation = evaluate(load_model(record.checkpoint), list(test_sets or self.plan.test_sets),
-                              self.cfg.paths.data_root, record.run_dir / "results", key=key,
+                              self.cfg.paths.data_root, record.run_dir / "results", key=self.run_key,
                               metric=self.metric["name"], classes=self.metric.get("classes", "aeval8"),
                               inference=self.inference, failures=self.failures)
         return evaluation.written + evaluation.skipped
@@ -228,7 +200,7 @@ def run_plan(cfg: DictConfig, plan: ProtocolPlan, *, test_sets: Sequence[str] | 
              failures: FailureLog | None = None) -> ProtocolOutcome:
     """Train every round of ``plan`` (resuming), evaluate the final model and publish its cells."""
     runner = RoundRunner(cfg, plan, failures)
-    outcome = ProtocolOutcome(plan, failures=runner.failures)
+    outcome = ProtocolOutcome(plan, failures=runner.failures, run_key=runner.run_key)
     stop_after = cfg.protocol.get("stop_after_round")
     outcome.rounds = runner.run(stop_after)
     if len(outcome.rounds) == len(plan.rounds):

@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from aeval.protocols.run import run_protocols_table
+from aeval.orchestration.grid import run_grid
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -36,11 +36,11 @@ def cpu_model() -> str:
 
 def main(overrides: list[str]) -> int:
     torch.set_num_threads(int(os.environ.get("AEVAL_THREADS", "1")))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "aeval" / "conf"), version_base=None):
         cfg = compose("grid", overrides=["experiment=protocols_demo", "paths.root_dir=outputs/protocols_demo",
                                          "logger=none", *overrides])
     start = time.time()
-    outcome = run_protocols_table(cfg)
+    outcome = run_grid(cfg)
     minutes = (time.time() - start) / 60
     if outcome.report_dir is None:
         return 1

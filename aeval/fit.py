@@ -1,0 +1,180 @@
+"""The training stage: plan -> preprocess -> fit STU-Net with Lightning, resumable.
+
+The run folder is keyed by protocol / training sets / model / run hash (:mod:`aeval.keys`), so re-running the
+same command resumes from ``checkpoints/last.ckpt`` (epoch, step, optimizer and lr schedule restored), a
+finished run returns at once, and a sweep over a training setting gets one run per value.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from aeval.data.datamodule import AEvalDataModule
+from aeval.data.plan import plan_datasets
+from aeval.data.preprocess import preprocess_dataset
+from aeval.keys import RunKey
+from aeval.nifti import write_text_atomic
+from aeval.protocols.marginal_loss import module_class
+from aeval.tracking import build_loggers, finish_loggers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path
+    metrics: dict[str, float]
+    epochs: int = 0
+    global_step: int = 0
+
+    @classmethod
+    def load(cls, run_dir: Path) -> TrainResult:
+        """The result a finished run wrote to ``result.json``."""
+        stored = json.loads((Path(run_dir) / "result.json").read_text())
+        best = stored.get("best_checkpoint")
+        return cls(Path(run_dir), Path(best) if best else None, Path(stored["last_checkpoint"]),
+                   stored.get("metrics", {}), stored.get("epochs", 0), stored.get("global_step", 0))
+
+
+def prepare_training_data(train_sets: list[str], paths: DictConfig, plan_overrides: dict[str, Any],
+                          workers: int) -> tuple[dict[str, Any], list[Path]]:
+    """Plan over the union of the training sets and fill the preprocessing cache (both idempotent)."""
+    with folder_lock(Path(paths.preprocessed_root)):
+        plan_dir = plan_datasets(train_sets, Path(paths.data_root), Path(paths.preprocessed_root),
+                                 **{k: v for k, v in plan_overrides.items() if v is not None})
+        plan = json.loads((plan_dir / "plans.json").read_text())
+        caches = [preprocess_dataset(Path(paths.data_root) / name, plan_dir / "plans.json", plan_dir / name,
+                                     num_workers=workers) for name in train_sets]
+    return plan, caches
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """One process at a time in ``folder``: parallel jobs of a multirun (rows, sizes, seeds) share the
+    converted datasets and the preprocessing cache."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """``ckpt_path`` when given, else the run folder's ``last.ckpt`` when a previous attempt left one."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+def checkpoint_callbacks(directory: Path, validate: bool) -> tuple[ModelCheckpoint | None, ModelCheckpoint]:
+    """``best.ckpt`` by validation mean Dice (when there is validation) and ``last.ckpt`` at the end of every
+    epoch (after its validation, if any), whether or not the epoch validates. Two callbacks, because one with
+    a monitor refreshes ``last.ckpt`` only when the monitored value improves (Lightning >= 2.6), and
+    resuming must start from the latest epoch."""
+    best = ModelCheckpoint(dirpath=directory, filename="best", monitor="val/dice_mean", mode="max", save_top_k=1,
+                           auto_insert_metric_name=False, enable_version_counter=False) if validate else None
+    last = ModelCheckpoint(dirpath=directory, filename="last", monitor=None, save_top_k=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
+    return best, last
+
+
+def finished_result(cfg: DictConfig) -> TrainResult | None:
+    """The stored result when this run folder already holds a run trained to ``trainer.max_epochs``."""
+    path = Path(cfg.run_dir) / "result.json"
+    if cfg.get("ckpt_path") or not path.exists():
+        return None
+    try:
+        result = TrainResult.load(path.parent)
+    except (ValueError, KeyError):
+        return None
+    return result if result.epochs >= cfg.trainer.max_epochs and result.last_checkpoint.exists() else None
+
+
+def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainResult:
+    """Everything ``python -m aeval.train`` does, callable from Python (the grid and protocols use it).
+
+    Re-running into the same ``run_dir`` resumes from its ``last.ckpt`` (epoch, step, optimizer state and
+    learning rate restored); a run already trained to ``trainer.max_epochs`` returns its stored result.
+    ``callbacks`` are added to the trainer's (the checkpointing and learning-rate monitor)."""
+    finished = finished_result(cfg)
+    if finished is not None:
+        log.info("%s: already trained (%d epochs) in %s", cfg.run_name, finished.epochs, finished.run_dir)
+        return finished
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("torch_threads"):  # on small shared CPUs one thread per process avoids OpenMP oversubscription
+        torch.set_num_threads(int(cfg.torch_threads))
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_sets = list(cfg.train_sets)
+    plan, caches = prepare_training_data(train_sets, cfg.paths, OmegaConf.to_container(cfg.plan, resolve=True),
+                                         cfg.preprocess_workers)
+    datamodule = AEvalDataModule(caches, plan, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule.setup("fit")
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    module = module_class(cfg)(model=OmegaConf.to_container(cfg.model, resolve=True), plan=plan,
+                          optim=OmegaConf.to_container(cfg.optim, resolve=True),
+                          max_epochs=trainer_cfg["max_epochs"], run_key=RunKey.of(cfg).as_dict(),
+                          channels_last=cfg.get("channels_last", "auto"))
+    best, last = checkpoint_callbacks(run_dir / "checkpoints", validate=bool(datamodule.val_cases))
+    loggers = build_loggers(OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None)
+    callbacks = [*filter(None, [best, last]), ResultWriter(run_dir),
+                 *([LearningRateMonitor("epoch")] if loggers else []), *(callbacks or [])]
+    trainer_cfg.pop("_target_", None)
+    if trainer_cfg.get("precision", "").startswith("bf16") and not bf16_supported(trainer_cfg):
+        trainer_cfg["precision"] = "32-true"
+    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
+    except BaseException:
+        finish_loggers(loggers, "failed")
+        raise
+    finish_loggers(loggers, "success")
+    return TrainResult.load(run_dir)
+
+
+class ResultWriter(L.Callback):
+    """Writes ``result.json`` from the process that trained (rank 0): with ``ddp_spawn`` the launching
+    process never sees the workers' epoch and step counters."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        best = self.run_dir / "checkpoints" / "best.ckpt"
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        write_text_atomic(self.run_dir / "result.json", json.dumps(
+            {"best_checkpoint": str(best) if best.exists() else None,
+             "last_checkpoint": str(self.run_dir / "checkpoints" / "last.ckpt"),
+             "epochs": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics}, indent=2))
+
+
+def bf16_supported(trainer_cfg: dict[str, Any]) -> bool:
+    """bf16 autocast where the hardware has it: CUDA with bf16, or a CPU with AMX / AVX-512 BF16."""
+    accelerator = trainer_cfg.get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
