@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,7 +27,6 @@ from aeval.data.plan import plan_datasets
 from aeval.data.preprocess import preprocess_dataset
 from aeval.keys import RunKey
 from aeval.nifti import write_text_atomic
-from aeval.protocols.marginal_loss import module_class
 from aeval.tracking import build_loggers, finish_loggers
 
 log = logging.getLogger(__name__)
@@ -127,19 +127,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
                                          cfg.preprocess_workers)
     datamodule = AEvalDataModule(caches, plan, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
     datamodule.setup("fit")
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    module = module_class(cfg)(model=OmegaConf.to_container(cfg.model, resolve=True), plan=plan,
-                          optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                          max_epochs=trainer_cfg["max_epochs"], run_key=RunKey.of(cfg).as_dict(),
-                          channels_last=cfg.get("channels_last", "auto"))
+    module = build_module(cfg, plan)
     best, last = checkpoint_callbacks(run_dir / "checkpoints", validate=bool(datamodule.val_cases))
     loggers = build_loggers(OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None)
-    callbacks = [*filter(None, [best, last]), ResultWriter(run_dir),
-                 *([LearningRateMonitor("epoch")] if loggers else []), *(callbacks or [])]
-    trainer_cfg.pop("_target_", None)
-    if trainer_cfg.get("precision", "").startswith("bf16") and not bf16_supported(trainer_cfg):
-        trainer_cfg["precision"] = "32-true"
-    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers or False, default_root_dir=run_dir)
+    trainer = build_trainer(cfg, [*filter(None, [best, last]), ResultWriter(run_dir), *(callbacks or [])], loggers)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
@@ -148,6 +139,28 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
         raise
     finish_loggers(loggers, "success")
     return TrainResult.load(run_dir)
+
+
+def build_module(cfg: DictConfig, plan: dict[str, Any]) -> L.LightningModule:
+    """The LightningModule ``module._target_`` names, with the run's network, plan, optimizer and loss configs
+    (kept as plain data in the checkpoint; the module instantiates the optimizer and loss from them)."""
+    settings = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "optim", "loss")}
+    return get_class(cfg.module._target_)(
+        **settings, plan=plan, max_epochs=int(cfg.trainer.max_epochs), run_key=RunKey.of(cfg).as_dict(),
+        channels_last=cfg.get("channels_last", "auto"), poly_exponent=float(cfg.scheduler.poly_exponent))
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list) -> L.Trainer:
+    """``trainer`` instantiated with the built-in callbacks, the ``callbacks`` group's and the loggers; bf16 falls
+    back to fp32 where the hardware has no bf16 (emulated bf16 is many times slower)."""
+    extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    if not loggers:  # monitors need a logger to write to
+        extra = [c for c in extra if not isinstance(c, LearningRateMonitor)]
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision.startswith("bf16") and not bf16_supported(OmegaConf.to_container(cfg.trainer, resolve=True)):
+        precision = "32-true"
+    return instantiate(cfg.trainer, precision=precision, callbacks=[*callbacks, *extra], logger=loggers or False,
+                       default_root_dir=cfg.run_dir)
 
 
 class ResultWriter(L.Callback):

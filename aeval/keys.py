@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = ["CellKey", "RunKey", "digest", "metric_key", "model_name", "run_hash", "training_settings"]
 
 RUN_HASH_LENGTH = 8
-TRAINING_SETTINGS = ("model", "trainer", "data", "optim", "plan", "seed", "loss")
+TRAINING_SETTINGS = ("module", "model", "trainer", "data", "optim", "scheduler", "plan", "seed", "loss", "callbacks")
 # Settings that change how a run is shown, where it runs or how fast it goes, not what it learns.
 # ``trainer.max_steps`` pauses a run (it resumes from last.ckpt), so it is not part of what the run is.
 NOT_HASHED = {"trainer": ("_target_", "accelerator", "strategy", "enable_progress_bar", "log_every_n_steps",

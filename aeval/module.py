@@ -13,12 +13,18 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from hydra.utils import instantiate
 from torch import nn
 
 from aeval.labels import FLARE22_ORGANS
 from aeval.models.pretrained import load_pretrained
 from aeval.models.stunet import build_stunet
+
+# What `conf/optim/sgd.yaml` and `conf/loss/dice_ce.yaml` hold: the recipe, for modules built without a config.
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "lr": 0.01, "momentum": 0.99, "weight_decay": 3e-5,
+                     "nesterov": True}
+DEFAULT_LOSS = {"_target_": "monai.losses.DiceCELoss", "include_background": False, "to_onehot_y": True,
+                "softmax": True, "batch": True, "smooth_nr": 1e-5, "smooth_dr": 1e-5}
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:
@@ -89,21 +95,23 @@ class STUNetModule(L.LightningModule):
 
     def __init__(self, model: dict[str, Any], plan: dict[str, Any], optim: dict[str, Any] | None = None,
                  max_epochs: int = 1000, label_space: str = "flare22", run_key: dict[str, str] | None = None,
-                 channels_last: bool | str = "auto") -> None:
+                 channels_last: bool | str = "auto", loss: dict[str, Any] | None = None,
+                 poly_exponent: float = 0.9) -> None:
+        """``optim`` and ``loss`` are ``_target_`` configs (``conf/optim``, ``conf/loss``), built here with
+        ``hydra.utils.instantiate`` so that the checkpoint's hyper-parameters stay plain data."""
         super().__init__()
         self.save_hyperparameters()
-        optim = {"lr": 0.01, "momentum": 0.99, "weight_decay": 3e-5, "nesterov": True, "poly_exponent": 0.9,
-                 **(optim or {})}
-        self.optim = optim
+        self.optim = dict(optim) if optim and "_target_" in optim else {**DEFAULT_OPTIMIZER, **(optim or {})}
         pools = model.get("pool_op_kernel_sizes") or plan.get("pool_op_kernel_sizes")
         self.net = build_stunet(model["size"], model.get("in_channels", 1), model.get("num_classes", 14),
-                                pool_op_kernel_sizes=pools, deep_supervision=True)
+                                pool_op_kernel_sizes=pools, deep_supervision=model.get("deep_supervision", True))
         if model.get("pretrained"):
             load_pretrained(self.net, model["pretrained"])
         self.num_classes = self.net.num_classes
-        self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
-                               smooth_nr=1e-5, smooth_dr=1e-5)
-        self.ds_weights = deep_supervision_weights(len(self.net.pool_op_kernel_sizes))
+        self.loss = instantiate(loss or DEFAULT_LOSS)
+        self._annotated: torch.Tensor | None = None
+        n_outputs = len(self.net.pool_op_kernel_sizes) if self.net.deep_supervision else 1
+        self.ds_weights = deep_supervision_weights(n_outputs) if n_outputs > 1 else [1.0]
         self.class_names = list(FLARE22_ORGANS)[: self.num_classes - 1]
         self._val_counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64)
         self._channels_last = False
@@ -125,12 +133,18 @@ class STUNetModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.net(x)
 
+    def _outputs(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The network's outputs, full resolution first (one output without deep supervision)."""
+        outputs = self.net(self._input(batch))
+        return list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+
     def compute_loss(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
         """Weighted Dice+CE over the deep-supervision outputs (targets full resolution first)."""
         total = outputs[0].new_zeros((), dtype=torch.float32)
+        extra = (self._annotated,) if getattr(self.loss, "uses_annotations", False) else ()
         for weight, logits, target in zip(self.ds_weights, outputs, targets, strict=False):
             if weight:
-                total = total + weight * self.loss(logits.float(), target)
+                total = total + weight * self.loss(logits.float(), target, *extra)
         return total
 
     def _switched_off_heads(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -147,7 +161,8 @@ class STUNetModule(L.LightningModule):
                 nn.functional.interpolate(target, size=o.shape[2:], mode="nearest-exact") for o in outputs]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        outputs = self.net(self._input(batch))
+        self._annotated = batch.get("annotated")
+        outputs = self._outputs(batch)
         loss = self.compute_loss(outputs, self._targets(batch, outputs)) + self._switched_off_heads(outputs)
         # decided together by all processes, so that every DDP rank stops instead of one hanging
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
@@ -163,7 +178,8 @@ class STUNetModule(L.LightningModule):
         self._val_counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        outputs = self.net(self._input(batch))
+        self._annotated = batch.get("annotated")
+        outputs = self._outputs(batch)
         loss = self.compute_loss(outputs, self._targets(batch, outputs))
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch["image"]))
         prediction = outputs[0].argmax(1)
@@ -197,13 +213,8 @@ class STUNetModule(L.LightningModule):
                   step=self.global_step)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.optim
-        if o.get("name", "sgd") == "adamw":  # not the paper's recipe: learns in hundreds of steps (CPU demo)
-            optimizer = torch.optim.AdamW(self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-        else:
-            optimizer = torch.optim.SGD(self.parameters(), lr=o["lr"], momentum=o["momentum"],
-                                        nesterov=o["nesterov"], weight_decay=o["weight_decay"])
-        scheduler = PolyLR(optimizer, self.hparams.max_epochs, o["poly_exponent"])
+        optimizer = instantiate(self.optim, params=self.parameters())
+        scheduler = PolyLR(optimizer, self.hparams.max_epochs, self.hparams.poly_exponent)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 

@@ -9,7 +9,8 @@ from monai.losses import DiceCELoss
 
 from aeval.data.preprocess import LABEL_SETS
 from aeval.labels import annotated_classes
-from aeval.protocols.marginal_loss import MarginalDiceCELoss, MarginalSTUNetModule, module_class
+from aeval.marginal_loss import MarginalDiceCELoss
+from aeval.module import STUNetModule
 
 C = 14
 ADRENAL_SET = next(code for code, classes in LABEL_SETS.items() if classes == frozenset({7, 8}))
@@ -113,7 +114,8 @@ def test_module_trains_with_set_valued_targets():
     """The LightningModule variant: one deep-supervised step on set-valued codes gives a finite loss equal to
     the weighted marginal losses, and gradients reach the network."""
     plan = {"pool_op_kernel_sizes": [[2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]]}
-    module = MarginalSTUNetModule(model={"size": "tiny"}, plan=plan, max_epochs=1)
+    module = STUNetModule(model={"size": "tiny"}, plan=plan, max_epochs=1,
+                          loss={"_target_": "aeval.marginal_loss.MarginalDiceCELoss"})
     image = torch.randn(2, 1, 16, 16, 16)
     codes = torch.randint(0, C, (2, 1, 16, 16, 16))
     codes[0, 0, :4] = ADRENAL_SET
@@ -129,11 +131,11 @@ def test_module_trains_with_set_valued_targets():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.net.parameters())
 
 
-def test_module_class_follows_the_config():
-    assert module_class({"loss": {"partial_labels": "marginal"}, "data": {"target_codes": True}}) \
-        is MarginalSTUNetModule
-    assert module_class({}).__name__ == "STUNetModule"
-    with pytest.raises(ValueError, match="target_codes"):
-        module_class({"loss": {"partial_labels": "marginal"}, "data": {}})
-    with pytest.raises(ValueError, match="unknown"):
-        module_class({"loss": {"partial_labels": "exclusive"}})
+def test_loss_marginal_is_one_switch_for_the_loss_and_the_label_codes():
+    from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        plain, marginal = (compose("train", overrides=o) for o in ([], ["loss=marginal"]))
+    assert plain.loss._target_ == "monai.losses.DiceCELoss" and plain.data.target_codes is False
+    assert marginal.loss._target_ == "aeval.marginal_loss.MarginalDiceCELoss" and marginal.data.target_codes is True

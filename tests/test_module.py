@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import CONF_DIR
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from aeval.module import (
     PolyLR,
@@ -104,7 +107,9 @@ def test_poly_scheduler_state_restores_the_rate_of_its_epoch():
 
 
 def test_configured_optimizer_is_sgd_nesterov_with_poly_schedule():
-    module = _module(optim={"lr": 0.02, "weight_decay": 1e-3}, max_epochs=5)
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        optim = compose("train", overrides=["optim.lr=0.02", "optim.weight_decay=1e-3"]).optim
+    module = _module(optim=OmegaConf.to_container(optim), max_epochs=5)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     group = optimizer.param_groups[0]

@@ -279,7 +279,8 @@ def test_table9_rows_are_keyed_like_the_paper(tmp_path):
     marginal = protocol_plan(row_config(cfg, GridRow("m", "joint", None, (("protocol.partial_labels", "marginal"),))))
     assert len(marginal.rounds) == 1 and marginal.rounds[0].train_sets == ("flare22", "amos_ct", "amos_mr",
                                                                            "totalseg", "word")
-    assert dict(marginal.rounds[0].settings) == {"data.target_codes": True, "loss.partial_labels": "marginal"}
+    assert dict(marginal.rounds[0].settings) == {"data.target_codes": True,
+                                                 "loss": {"_target_": "aeval.marginal_loss.MarginalDiceCELoss"}}
 
 
 def test_protocols_report_has_the_table9_layout(tmp_path):

@@ -100,7 +100,7 @@ def row_config(cfg: DictConfig, row: GridRow) -> DictConfig:
                              f"known: {', '.join(job.protocols)}")
         job.protocol = job.protocols[row.protocol]
     for dotted, value in row.settings:
-        OmegaConf.update(job, dotted, value, force_add=True)
+        OmegaConf.update(job, dotted, value, merge=False, force_add=True)
     return job
 
 
@@ -239,6 +239,9 @@ def report_runs(spec: ReportSpec, runs: Sequence[RunKey], failures: FailureLog |
                                   title="Joint training: the paper's rounds vs the marginal loss")
         console.print(comparison.text, highlight=False, markup=False)
     if missing:
+        lines = [f"- {run} → {test}" for run, test in missing]
+        write_text_atomic(report_dir / "grid.md", report.text + "\n### Missing cells (not scored or failed)\n\n"
+                          + "\n".join(lines) + "\n")
         console.print("missing cells: " + ", ".join(f"{r} -> {t}" for r, t in missing), highlight=False)
     console.print(f"report written to {report_dir}", highlight=False)
     outcome.report_dir = report_dir

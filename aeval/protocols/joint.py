@@ -7,7 +7,7 @@ its model pseudo-labels the unlabelled pool -> round 3 on everything. Without ``
 ``unlabeled`` the corresponding round is left out.
 
 ``partial_labels=marginal``: one round on every labelled set at once, no pseudo-labels; each voxel's target
-is the set of classes its label stands for (aeval.protocols.marginal_loss). Cells are keyed
+is the set of classes its label stands for (aeval.marginal_loss). Cells are keyed
 ``joint_marginal / joint`` so both variants sit side by side in a report.
 """
 
@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from aeval.protocols import ProtocolPlan, PseudoLabelled, Round
 
-MARGINAL_SETTINGS = (("data.target_codes", True), ("loss.partial_labels", "marginal"))
+# What `loss=marginal` sets (aeval/conf/loss/marginal.yaml), applied to the round's config.
+MARGINAL_SETTINGS = (("loss", {"_target_": "aeval.marginal_loss.MarginalDiceCELoss"}), ("data.target_codes", True))
 
 
 def plan(cfg: DictConfig) -> ProtocolPlan:

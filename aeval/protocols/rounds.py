@@ -156,7 +156,7 @@ class RoundRunner:
         job.run_name = f"{self.plan.protocol}-{self.plan.train}-round{index + 1}-{self.run_key.model}"
         job.ckpt_path = None
         for dotted, value in self.plan.rounds[index].settings:
-            OmegaConf.update(job, dotted, value, force_add=True)
+            OmegaConf.update(job, dotted, value, merge=False, force_add=True)
         return job
 
     def train_round(self, index: int, records: Sequence[RoundRecord]) -> RoundRecord:

@@ -1,4 +1,5 @@
-"""The marginal Dice+CE loss for partially labelled training (joint protocol, ``partial_labels=marginal``).
+"""The marginal Dice+CE loss for partially labelled training: ``loss=marginal`` (which also makes the batches carry
+label codes, ``data.target_codes=true``), as the joint protocol's ``partial_labels=marginal`` round does.
 
 Every voxel's target is a SET of FLARE22 classes: a single class where the source labels it, the set a
 merged label stands for (WORD's adrenal = {right, left adrenal}), and for unlabelled voxels the background
@@ -20,15 +21,12 @@ set's ``logsumexp`` fixed is zero).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from aeval.data.preprocess import LABEL_SETS, NUM_CLASSES
-from aeval.module import STUNetModule
 
 
 class MarginalDiceCELoss(nn.Module):
@@ -38,6 +36,8 @@ class MarginalDiceCELoss(nn.Module):
     classes; :data:`aeval.data.preprocess.LABEL_SETS` by default). Code 0 means "unlabelled": its set is the
     sample's background set, background plus the classes its ``annotated`` row marks False.
     """
+
+    uses_annotations = True  # the LightningModule passes each sample's annotated classes
 
     def __init__(self, label_sets: Mapping[int, Iterable[int]] = LABEL_SETS, num_classes: int = NUM_CLASSES,
                  smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, lambda_dice: float = 1.0,
@@ -104,47 +104,3 @@ class MarginalDiceCELoss(nn.Module):
         intersection, predicted, truth, valid = (torch.cat(parts) for parts in zip(*channels, strict=True))
         loss = 1 - (2 * intersection + self.smooth_nr) / (predicted + truth + self.smooth_dr)
         return loss[valid].mean() if valid.any() else probs.sum() * 0
-
-
-class MarginalSTUNetModule(STUNetModule):
-    """:class:`~aeval.module.STUNetModule` trained with :class:`MarginalDiceCELoss`. Batches must carry label
-    codes (``data.target_codes=true``) and each sample's ``annotated`` row, as the DataModule provides."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.loss = MarginalDiceCELoss(num_classes=self.num_classes)
-        self._annotated: torch.Tensor | None = None
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self._annotated = batch["annotated"]
-        return super().training_step(batch, batch_idx)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._annotated = batch["annotated"]
-        super().validation_step(batch, batch_idx)
-
-    def compute_loss(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = outputs[0].new_zeros(())
-        for weight, logits, target in zip(self.ds_weights, outputs, targets, strict=False):
-            if weight:
-                total = total + weight * self.loss(logits.float(), target, self._annotated)
-        return total
-
-
-def partial_labels(cfg: DictConfig | Mapping[str, Any]) -> str:
-    """The configured partial-label handling: ``none`` (hard FLARE22 targets) or ``marginal``."""
-    loss = cfg.get("loss") or {}
-    mode = str(loss.get("partial_labels") or "none")
-    if mode not in ("none", "marginal"):
-        raise ValueError(f"unknown loss.partial_labels {mode!r}; known: none, marginal")
-    return mode
-
-
-def module_class(cfg: DictConfig | Mapping[str, Any]) -> type[STUNetModule]:
-    """The LightningModule class for a training config (``loss.partial_labels=marginal`` needs label codes,
-    ``data.target_codes=true``)."""
-    if partial_labels(cfg) == "none":
-        return STUNetModule
-    if not (cfg.get("data") or {}).get("target_codes"):
-        raise ValueError("loss.partial_labels=marginal needs data.target_codes=true (set-valued targets)")
-    return MarginalSTUNetModule
