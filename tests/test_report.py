@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aeval.report import build_report, cell_dir, read_cells, read_cells_csv, write_cell
+from aeval.keys import CellKey
+from aeval.report import build_report, read_cells_csv
+from aeval.results import cell_dir, read_cells, write_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE3 = ROOT / "aeval/paper/table3_cells.csv"
@@ -170,13 +172,13 @@ def test_results_folder_round_trip(tmp_path):
         if (c["train"], c["test"]) == ("word", "btcv"):
             continue  # a cell that never finished
         rows = [{"case": "a", "organ": "liver", "dsc": c["dsc"] / 100, "nsd": c["nsd"] / 100}]
-        write_cell(results, "individual", c["train"], "stu_l", c["test"], "aeval",
+        write_cell(results, CellKey("individual", c["train"], "stu_l", "r0", c["test"], "aeval"),
                    _summary(c["dsc"] / 100, c["nsd"] / 100), rows)
-    broken = cell_dir(results, "individual", "word", "stu_l", "btcv", "flare22")
+    broken = cell_dir(results, CellKey("individual", "word", "stu_l", "r0", "btcv", "flare22"))
     broken.mkdir(parents=True)
     (broken / "summary.json").write_text("{not json")
-    summary = json.loads((cell_dir(results, "individual", "flare22", "stu_l", "btcv", "aeval") / "summary.json")
-                         .read_text())
+    summary = json.loads((cell_dir(results, CellKey("individual", "flare22", "stu_l", "r0", "btcv", "aeval"))
+                          / "summary.json").read_text())
     assert {k: summary[k] for k in ("protocol", "train", "model", "test", "metric")} == {
         "protocol": "individual", "train": "flare22", "model": "stu_l", "test": "btcv", "metric": "aeval"}
     problems = []
@@ -195,7 +197,7 @@ def test_results_folder_round_trip(tmp_path):
 
 def test_cli_reads_a_results_folder(tmp_path):
     results = tmp_path / "results"
-    write_cell(results, "individual", "flare22", "stu_l", "btcv", "aeval", _summary(0.8611, 0.8928))
+    write_cell(results, CellKey("individual", "flare22", "stu_l", "r0", "btcv", "aeval"), _summary(0.8611, 0.8928))
     proc = subprocess.run([sys.executable, "-m", "aeval.report", f"results={results}", f"out={tmp_path / 'o'}",
                            f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "AEVAL_ROOT": str(tmp_path)})
