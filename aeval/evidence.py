@@ -48,7 +48,7 @@ from aeval.report import (
     _slug,
     display,
 )
-from aeval.results import SUMMARY_JSON, cell_dir, cell_keys, predictions_dir, read_case_rows, read_summary
+from aeval.results import SUMMARY_JSON, cell_dir, cell_keys, predictions_dir, read_case_columns, read_summary
 
 __all__ = ["Bootstrap", "CaseTable", "Comparison", "EvidenceOptions", "RULES", "build_evidence", "compare_runs",
            "load_case_table", "parse_selectors", "rank_study", "run", "worst_case_gallery", "write_case_table"]
@@ -77,6 +77,7 @@ class CaseTable:
     nsd: np.ndarray
     gt_empty: np.ndarray
     pred_empty: np.ndarray
+    _strata: dict | None = field(default=None, repr=False)
 
     @property
     def both_empty(self) -> np.ndarray:
@@ -98,41 +99,31 @@ class CaseTable:
                    "both_empty": both[i]}
 
 
-def _flag(value: bool | None) -> float:
-    return np.nan if value is None else float(value)
-
-
 def load_case_table(results_root: str | os.PathLike, keys: Sequence[CellKey] | None = None,
                     problems: list[str] | None = None) -> CaseTable:
     """The case rows of ``keys`` (every cell under ``results_root`` when None). A cell without a readable
     summary or case table is left out; ``problems`` gets one line naming its file (else it is raised)."""
     candidates = list(cell_keys(results_root) if keys is None else keys)
-    columns: dict[str, list] = {name: [] for name in ("cell", "case", "organ", "dsc", "nsd", "gt", "pred")}
-    keys = []
+    keys, parts = [], []
     for key in candidates:
         try:
             if read_summary(results_root, key) is None:
                 raise CaseError(cell_dir(results_root, key) / SUMMARY_JSON, "unreadable cell summary")
-            rows = read_case_rows(results_root, key)
+            columns = read_case_columns(results_root, key)
         except CaseError as err:
             if problems is None:
                 raise
             problems.append(f"{err} (left out of the evidence)")
             continue
-        index = len(keys)
+        parts.append((np.full(len(columns["case"]), len(keys), np.intp), columns))
         keys.append(key)
-        columns["cell"] += [index] * len(rows)
-        for r in rows:
-            columns["case"].append(r["case"])
-            columns["organ"].append(r["organ"])
-            columns["dsc"].append(r["dsc"])
-            columns["nsd"].append(r["nsd"])
-            columns["gt"].append(_flag(r.get("gt_empty")))
-            columns["pred"].append(_flag(r.get("pred_empty")))
-    return CaseTable(keys, np.asarray(columns["cell"], np.intp), np.asarray(columns["case"], object),
-                     np.asarray(columns["organ"], object), 100 * np.asarray(columns["dsc"], np.float64),
-                     100 * np.asarray(columns["nsd"], np.float64), np.asarray(columns["gt"], np.float64),
-                     np.asarray(columns["pred"], np.float64))
+
+    def joined(name: str, dtype) -> np.ndarray:
+        return np.concatenate([np.asarray(c[name], dtype) for _, c in parts]) if parts else np.zeros(0, dtype)
+
+    cells = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.intp)
+    return CaseTable(keys, cells, joined("case", object), joined("organ", object), 100 * joined("dsc", np.float64),
+                     100 * joined("nsd", np.float64), joined("gt_empty", np.float64), joined("pred_empty", np.float64))
 
 
 def _cell_text(value: Any) -> str:
@@ -143,17 +134,15 @@ def _cell_text(value: Any) -> str:
 
 def write_case_table(table: CaseTable, out_dir: Path) -> list[Path]:
     """``cases.csv`` always, ``cases.parquet`` too when pyarrow is installed."""
+    keys = [table.keys[i] for i in table.cell]
+    flags = {name: np.where(np.isnan(a), "", np.where(a == 1, "1", "0")).tolist() for name, a in
+             (("gt_empty", table.gt_empty), ("pred_empty", table.pred_empty), ("both_empty", table.both_empty))}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CASE_COLUMNS)
-    flags = {name: np.where(np.isnan(a), -1, a).astype(int) for name, a in
-             (("gt_empty", table.gt_empty), ("pred_empty", table.pred_empty), ("both_empty", table.both_empty))}
-    text = {-1: "", 0: "0", 1: "1"}
-    for i in range(len(table)):
-        key = table.keys[table.cell[i]]
-        writer.writerow([key.protocol, key.train, key.model, key.run, key.test, key.metric, table.case[i],
-                         table.organ[i], repr(float(table.dsc[i])), repr(float(table.nsd[i])),
-                         *(text[flags[name][i]] for name in ("gt_empty", "pred_empty", "both_empty"))])
+    writer.writerows(zip(*([getattr(k, name) for k in keys] for name in RUN_FIELDS + ("test", "metric")),
+                         table.case, table.organ, map(repr, table.dsc.tolist()), map(repr, table.nsd.tolist()),
+                         flags["gt_empty"], flags["pred_empty"], flags["both_empty"], strict=True))
     files = [write_text_atomic(out_dir / "cases.csv", buffer.getvalue())]
     try:
         import pyarrow as pa
@@ -161,12 +150,11 @@ def write_case_table(table: CaseTable, out_dir: Path) -> list[Path]:
     except ImportError:
         log.info("pyarrow not installed: cases.parquet not written")
         return files
-    keys = [table.keys[i] for i in table.cell]
-    data = {name: [getattr(k, name) for k in keys] for name in ("protocol", "train", "model", "run", "test", "metric")}
+    data = {name: [getattr(k, name) for k in keys] for name in RUN_FIELDS + ("test", "metric")}
     data.update(case=list(table.case), organ=list(table.organ), dsc=table.dsc, nsd=table.nsd)
     for name, array in (("gt_empty", table.gt_empty), ("pred_empty", table.pred_empty),
                         ("both_empty", table.both_empty)):
-        data[name] = pa.array([None if np.isnan(v) else bool(v) for v in array], pa.bool_())
+        data[name] = pa.array(array == 1, pa.bool_(), mask=np.isnan(array))
     with atomic_path(out_dir / "cases.parquet") as tmp:
         pq.write_table(pa.table(data), tmp)
     files.append(out_dir / "cases.parquet")
@@ -207,24 +195,30 @@ class Stratum:
 
 
 def _strata(table: CaseTable) -> dict[str, Stratum]:
+    """Dense arrays per test set (computed once per table)."""
+    if table._strata is not None:
+        return table._strata
     out = {}
-    tests = np.array([table.keys[i].test for i in table.cell], object)
+    test_of_cell = np.array([k.test for k in table.keys], object)
+    tests = test_of_cell[table.cell] if len(table) else np.zeros(0, object)
     organ_names = _order(table.organ, ORGAN_ORDER)
+    organ_codes = {o: i for i, o in enumerate(organ_names)}
+    organ_pos = np.fromiter((organ_codes[o] for o in table.organ), np.intp, len(table))
     both = table.both_empty
     for test in _order({k.test for k in table.keys}, TEST_ORDER):
         rows = np.flatnonzero(tests == test)
         cases, case_index = np.unique(table.case[rows].astype(str), return_inverse=True)
         cells = sorted(set(table.cell[rows].tolist()))
         cell_pos = np.searchsorted(cells, table.cell[rows])
-        organ_pos = np.array([organ_names.index(o) for o in table.organ[rows]], np.intp)
         shape = (len(cells), len(cases), len(organ_names))
         arrays = {name: np.full(shape, np.nan) for name in ("dsc", "nsd", "both")}
         for name, source in (("dsc", table.dsc), ("nsd", table.nsd), ("both", both)):
-            arrays[name][cell_pos, case_index, organ_pos] = source[rows]
+            arrays[name][cell_pos, case_index, organ_pos[rows]] = source[rows]
         present = np.zeros(shape, bool)
-        present[cell_pos, case_index, organ_pos] = True
+        present[cell_pos, case_index, organ_pos[rows]] = True
         out[test] = Stratum(test, list(cases), organ_names, cells, arrays["dsc"], arrays["nsd"], arrays["both"],
                             present)
+    table._strata = out
     return out
 
 
@@ -458,7 +452,7 @@ def _plt():
 def empty_figure(grid: Grid, matrices: Mapping[str, list], path: Path) -> Path:
     """Two heatmaps: the share of both-empty pairs and how much DSC drops when they are excluded."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(2.6 * len(grid.tests) + 4, 0.6 * len(grid.row_keys) + 2))
+    fig, axes = plt.subplots(1, 2, figsize=(1.8 * len(grid.tests) + 4, 0.5 * len(grid.row_keys) + 1.8))
     for ax, name, label, cmap in ((axes[0], "share", "both-empty pairs (%)", "magma"),
                                   (axes[1], "delta", "DSC excluded − published (pp)", "coolwarm_r")):
         matrix = np.array(matrices[name], np.float64)
@@ -466,9 +460,11 @@ def empty_figure(grid: Grid, matrices: Mapping[str, list], path: Path) -> Path:
         extent = max(abs(finite).max(), 1e-9) if finite.size else 1
         limits = {"vmin": -extent, "vmax": extent} if name == "delta" else {"vmin": 0}
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, aspect="auto", **limits)
+        high = np.nanmax(matrix) if finite.size else 0
         for (i, j), v in np.ndenumerate(matrix):
+            dark = name == "share" and not np.isnan(v) and v < 0.6 * high
             ax.text(j, i, "?" if np.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=8,
-                    color="black" if name == "delta" else "white")
+                    color="white" if dark else "black")
         ax.set_xticks(range(len(grid.tests)), [display(t) for t in grid.tests], rotation=30, ha="right")
         ax.set_yticks(range(len(grid.row_keys)), [grid.label(k) for k in grid.row_keys])
         fig.colorbar(image, ax=ax, label=label)

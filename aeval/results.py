@@ -20,13 +20,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from aeval.errors import CaseError
 from aeval.keys import CellKey, RunKey
 from aeval.nifti import write_text_atomic
 
 __all__ = ["CASES_CSV", "FLAGS", "PREDICTIONS", "SUMMARY_JSON", "cell_dir", "cell_finished", "cell_keys",
-           "missing_cells", "predictions_dir", "read_case_rows", "read_cells", "read_summary", "write_cell",
-           "write_scores"]
+           "missing_cells", "predictions_dir", "read_case_columns", "read_case_rows", "read_cells", "read_summary",
+           "write_cell", "write_scores"]
 
 CASES_CSV = "cases.csv"
 SUMMARY_JSON = "summary.json"
@@ -140,6 +142,29 @@ def read_case_rows(results_root: str | os.PathLike, key: CellKey) -> list[dict[s
 
 
 # --- listing cells and empty flags (for aeval.evidence) -----------------------------------------------------
+
+def read_case_columns(results_root: str | os.PathLike, key: CellKey) -> dict[str, Any]:
+    """A cell's ``cases.csv`` column-wise, fast enough for a whole grid: ``case``/``organ`` lists, ``dsc``/``nsd``
+    float arrays (fractions), ``gt_empty``/``pred_empty`` float arrays of 1/0, NaN where unknown."""
+    path = cell_dir(results_root, key) / CASES_CSV
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader)
+            rows = list(reader)
+        columns = list(zip(*rows, strict=True)) if rows else [()] * len(header)
+        named = dict(zip(header, columns, strict=True))
+        out: dict[str, Any] = {"case": list(named["case"]), "organ": list(named["organ"]),
+                               "dsc": np.asarray(named["dsc"], np.float64), "nsd": np.asarray(named["nsd"], np.float64)}
+        for flag in FLAGS:
+            text = np.asarray(named.get(flag, [""] * len(rows)), dtype=str)
+            if not np.isin(text, ("0", "1", "")).all():
+                raise ValueError(f"{flag} holds values other than 0, 1 or empty")
+            out[flag] = np.where(text == "1", 1.0, np.where(text == "0", 0.0, np.nan))
+        return out
+    except (OSError, KeyError, ValueError, StopIteration) as err:
+        raise CaseError(path, f"unreadable case table ({type(err).__name__}: {err})") from None
+
 
 def _flag_text(value: Any) -> str:
     return "" if value is None else str(int(bool(value)))

@@ -205,13 +205,13 @@ def _gallery_data(tmp_path, results):
     btcv = {n: i for i, n in get_system("btcv").names.items()}
     flare = {n: i for i, n in get_system("flare22").names.items()}
     key = _key("stu_s", "flare22", "btcv")
-    worst = evidence.worst_cases(Bootstrap(load_case_table(results), n_resamples=1),
-                                 load_case_table(results).keys.index(key), 1)[0][0]
-    gt = np.zeros((16, 14, 8), np.uint8)
-    gt[3:9, 3:9, 2:6] = btcv["liver"]
+    table = load_case_table(results)
+    worst, organ = evidence.worst_cases(Bootstrap(table, n_resamples=1), table.keys.index(key), 1)[0][:2]
+    gt = np.zeros((40, 36, 12), np.uint8)
+    gt[8:24, 8:22, 3:9] = btcv[organ]
     pred = np.zeros_like(gt)
-    pred[5:11, 4:10, 2:6] = flare["liver"]
-    image = np.random.default_rng(0).normal(0, 1, gt.shape).astype(np.float32)
+    pred[14:30, 10:26, 4:10] = flare[organ]
+    image = (np.random.default_rng(0).normal(0, 1, gt.shape) + 3 * (gt > 0)).astype(np.float32)
     affine = np.diag([0.8, 0.8, 2.0, 1])
     nib.save(nib.Nifti1Image(image, affine), str(data_root / "btcv" / "imagesTs" / f"{worst}_0000.nii.gz"))
     nib.save(nib.Nifti1Image(gt, affine), str(data_root / "btcv" / "labelsTs" / f"{worst}.nii.gz"))
