@@ -553,7 +553,9 @@ def compare_runs(boot: Bootstrap, selectors: list[dict[str, str]], pairs: str = 
                 if _matches(keys[i], selector):
                     group = (keys[i].metric, *(getattr(keys[i], f) for f in match_fields), keys[i].test)
                     groups.setdefault(group, {"a": [], "b": []})[side].append(i)
-        groups = {g: sides for g, sides in sorted(groups.items()) if sides["a"] and sides["b"]}
+        test_rank = {t: i for i, t in enumerate(TEST_ORDER)}
+        groups = {g: sides for g, sides in sorted(groups.items(), key=lambda item: (
+            item[0][:-1], test_rank.get(item[0][-1], len(test_rank)), item[0][-1])) if sides["a"] and sides["b"]}
         varying = [j for j in range(len(match_fields)) if len({g[1 + j] for g in groups}) > 1]
         for group, sides in groups.items():
             for side, selector in (("a", a_sel), ("b", b_sel)):
