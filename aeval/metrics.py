@@ -424,6 +424,17 @@ def score_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], mode:
     return scores
 
 
+def empty_flags(pred: np.ndarray, gt: np.ndarray, classes: str = "aeval8") -> dict[str, dict[str, bool]]:
+    """Which organs are absent from the ground truth and from the prediction (whole volume, evaluation space):
+    ``{organ: {"gt_empty": .., "pred_empty": ..}}``. Stored next to the scores because the rules score a
+    both-empty pair as 1, which other tools drop; the report needs to tell such pairs apart."""
+    organs = CLASS_SPACES[classes]
+    counts = [np.bincount(np.asarray(a).ravel().astype(np.intp, copy=False), minlength=len(organs) + 1)
+              for a in (gt, pred)]
+    return {organ: {"gt_empty": bool(counts[0][i] == 0), "pred_empty": bool(counts[1][i] == 0)}
+            for i, organ in enumerate(organs, start=1)}
+
+
 # --- validation metric for training ---------------------------------------------------------------------
 
 def __getattr__(name: str):

@@ -538,6 +538,13 @@ def run(cfg: DictConfig) -> int:
         for line in problems:
             print(f"[warning] {line}")
         report = build_report(cells, cfg.out, paper=cfg.paper)
+        if not cfg.cells and cfg.get("evidence"):  # per-case evidence needs the results folder
+            from aeval import evidence
+
+            found = evidence.run(cfg)
+            for line in found.problems:
+                print(f"[warning] {line}")
+            report = Report(report.text + "\n" + found.text, report.files + found.files)
     except (CaseError, ValueError) as err:
         print(f"[error] {err}")
         return 2

@@ -20,16 +20,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from aeval.errors import CaseError
 from aeval.keys import CellKey, RunKey
 from aeval.nifti import write_text_atomic
 
-__all__ = ["CASES_CSV", "PREDICTIONS", "SUMMARY_JSON", "cell_dir", "cell_finished", "missing_cells",
-           "predictions_dir", "read_case_rows", "read_cells", "write_cell", "write_scores"]
+__all__ = ["CASES_CSV", "FLAGS", "PREDICTIONS", "SUMMARY_JSON", "cell_dir", "cell_finished", "cell_keys",
+           "missing_cells", "predictions_dir", "read_case_columns", "read_case_rows", "read_cells", "read_summary",
+           "write_cell", "write_scores"]
 
 CASES_CSV = "cases.csv"
 SUMMARY_JSON = "summary.json"
 PREDICTIONS = "predictions"
+FLAGS = ("gt_empty", "pred_empty")  # cases.csv columns after dsc, nsd: 1/0, empty (or absent: older cells) = unknown
 KEY_DEPTH = 6  # protocol / train / model / run / test / metric
 
 
@@ -47,9 +51,10 @@ def write_scores(out_dir: str | os.PathLike, rows: Iterable[Mapping], summary: M
     out_dir = Path(out_dir)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "organ", "dsc", "nsd"])
+    writer.writerow(["case", "organ", "dsc", "nsd", *FLAGS])
     for r in rows:
-        writer.writerow([r["case"], r["organ"], repr(float(r["dsc"])), repr(float(r["nsd"]))])
+        writer.writerow([r["case"], r["organ"], repr(float(r["dsc"])), repr(float(r["nsd"])),
+                         *(_flag_text(r.get(flag)) for flag in FLAGS)])
     write_text_atomic(out_dir / CASES_CSV, buffer.getvalue())
     write_text_atomic(out_dir / SUMMARY_JSON, json.dumps(dict(summary), indent=2) + "\n")
     return out_dir
@@ -125,11 +130,65 @@ def read_cells(results_root: str | os.PathLike, problems: list[str] | None = Non
 
 
 def read_case_rows(results_root: str | os.PathLike, key: CellKey) -> list[dict[str, Any]]:
-    """A cell's ``cases.csv`` as rows ``{case, organ, dsc, nsd}`` (fractions)."""
+    """A cell's ``cases.csv`` as rows ``{case, organ, dsc, nsd, gt_empty, pred_empty}`` (fractions; a flag is
+    None where the cell was scored before flags were stored)."""
     path = cell_dir(results_root, key) / CASES_CSV
     try:
         with open(path, newline="") as handle:
-            return [{"case": r["case"], "organ": r["organ"], "dsc": float(r["dsc"]), "nsd": float(r["nsd"])}
-                    for r in csv.DictReader(handle)]
+            return [{"case": r["case"], "organ": r["organ"], "dsc": float(r["dsc"]), "nsd": float(r["nsd"]),
+                     **{flag: _flag_value(r.get(flag)) for flag in FLAGS}} for r in csv.DictReader(handle)]
     except (OSError, KeyError, ValueError) as err:
         raise CaseError(path, f"unreadable case table ({type(err).__name__}: {err})") from None
+
+
+# --- listing cells and empty flags (for aeval.evidence) -----------------------------------------------------
+
+def read_case_columns(results_root: str | os.PathLike, key: CellKey) -> dict[str, Any]:
+    """A cell's ``cases.csv`` column-wise, fast enough for a whole grid: ``case``/``organ`` lists, ``dsc``/``nsd``
+    float arrays (fractions), ``gt_empty``/``pred_empty`` float arrays of 1/0, NaN where unknown."""
+    path = cell_dir(results_root, key) / CASES_CSV
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader)
+            rows = list(reader)
+        columns = list(zip(*rows, strict=True)) if rows else [()] * len(header)
+        named = dict(zip(header, columns, strict=True))
+        out: dict[str, Any] = {"case": list(named["case"]), "organ": list(named["organ"]),
+                               "dsc": np.asarray(named["dsc"], np.float64), "nsd": np.asarray(named["nsd"], np.float64)}
+        for flag in FLAGS:
+            text = np.asarray(named.get(flag, [""] * len(rows)), dtype=str)
+            if not np.isin(text, ("0", "1", "")).all():
+                raise ValueError(f"{flag} holds values other than 0, 1 or empty")
+            out[flag] = np.where(text == "1", 1.0, np.where(text == "0", 0.0, np.nan))
+        return out
+    except (OSError, KeyError, ValueError, StopIteration) as err:
+        raise CaseError(path, f"unreadable case table ({type(err).__name__}: {err})") from None
+
+
+def _flag_text(value: Any) -> str:
+    return "" if value is None else str(int(bool(value)))
+
+
+def _flag_value(text: str | None) -> bool | None:
+    if text is None or text.strip() == "":
+        return None
+    if text.strip() not in ("0", "1"):
+        raise ValueError(f"flag {text!r} is not 0, 1 or empty")
+    return text.strip() == "1"
+
+
+def cell_keys(results_root: str | os.PathLike, runs: Sequence[RunKey] | None = None) -> list[CellKey]:
+    """The keys of every cell with a summary under ``results_root`` (only those of ``runs`` when given)."""
+    root = Path(results_root)
+    if not root.is_dir():
+        raise CaseError(root, "results folder not found")
+    wanted = None if runs is None else set(runs)
+    keys = [CellKey(*path.relative_to(root).parts[:KEY_DEPTH])
+            for path in sorted(root.glob("/".join("*" * KEY_DEPTH) + "/" + SUMMARY_JSON))]
+    return [k for k in keys if wanted is None or k.run_key in wanted]
+
+
+def read_summary(results_root: str | os.PathLike, key: CellKey) -> dict[str, Any] | None:
+    """A cell's ``summary.json`` (None when missing or unreadable)."""
+    return _summary(cell_dir(results_root, key))

@@ -3,8 +3,9 @@
 Files are paired by case name (file name without ``.nii.gz``/``.nii`` and a trailing ``_0000``); both
 sides are remapped by organ name to the evaluation classes (8 A-Eval organs by default), spacing comes
 from the ground truth's header, and every case is scored by :func:`aeval.metrics.score_case`. Writes
-``cases.csv`` (case, organ, dsc, nsd) and ``summary.json`` (per-organ means, the overall mean over all
-case × organ pairs, as fractions 0–1) into ``out``. A missing or unreadable file, or a prediction whose
+``cases.csv`` (case, organ, dsc, nsd, and the organ's gt_empty/pred_empty flags) and ``summary.json``
+(per-organ means, the overall mean over all case × organ pairs, as fractions 0–1, and the share of
+both-empty pairs) into ``out``. A missing or unreadable file, or a prediction whose
 shape or affine differs from its ground truth, is one line naming the file; the other cases are scored
 and the command exits with code 2.
 """
@@ -27,7 +28,7 @@ from rich.table import Table
 from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system, remap
-from aeval.metrics import CLASS_SPACES, score_case, scoring_rules, surfel_area_table
+from aeval.metrics import CLASS_SPACES, empty_flags, score_case, scoring_rules, surfel_area_table
 from aeval.nifti import read_label, spacing_of
 from aeval.results import CASES_CSV, SUMMARY_JSON, write_scores
 
@@ -57,6 +58,12 @@ def score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_sy
 
     Raises :class:`CaseError` naming the file for unreadable files, labels outside their system, and a
     prediction whose shape or affine (1e-3 mm) differs from the ground truth's."""
+    return _score_pair(pred_path, gt_path, pred_system, gt_system, mode, classes)[0]
+
+
+def _score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_system: str, gt_system: str,
+                mode: str, classes: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, bool]]]:
+    """:func:`score_pair` plus the organs' empty flags (:func:`aeval.metrics.empty_flags`)."""
     gt, gt_img = read_label(gt_path)
     pred, pred_img = read_label(pred_path)
     if pred.shape != gt.shape:
@@ -71,14 +78,15 @@ def score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_sy
         gt = remap(gt, gt_system, classes)
     except ValueError as err:
         raise CaseError(gt_path, str(err)) from None
-    return score_case(pred, gt, spacing_of(gt_img), mode=mode, classes=classes)
+    return score_case(pred, gt, spacing_of(gt_img), mode=mode, classes=classes), empty_flags(pred, gt, classes)
 
 
 def _score_job(case: str, pred_path: Path, gt_path: Path, pred_system: str, gt_system: str, mode: str,
                classes: str) -> tuple[str, dict[str, dict[str, float]] | None, str | None]:
     """One case in a worker; failures come back as their one-line message."""
     try:
-        return case, score_pair(pred_path, gt_path, pred_system, gt_system, mode, classes), None
+        scores, flags = _score_pair(pred_path, gt_path, pred_system, gt_system, mode, classes)
+        return case, {organ: {**values, **flags[organ]} for organ, values in scores.items()}, None
     except CaseError as err:
         return case, None, str(err)
     except (ValueError, OSError, RuntimeError, EOFError) as err:
@@ -106,7 +114,11 @@ def summarize(rows: Iterable[Mapping], organs: Iterable[str]) -> dict:
         picked = [r for r in rows if r["organ"] == organ]
         per_organ[organ] = {m: (float(np.mean([r[m] for r in picked])) if picked else None) for m in ("dsc", "nsd")}
     overall = {f"mean_{m}": (float(np.mean([r[m] for r in rows])) if rows else None) for m in ("dsc", "nsd")}
-    return {**overall, "n_cases": len({r["case"] for r in rows}), "organs": per_organ}
+    summary = {**overall, "n_cases": len({r["case"] for r in rows}), "organs": per_organ}
+    if rows and all("gt_empty" in r and "pred_empty" in r for r in rows):  # pairs the rules score as 1, 1
+        both = sum(bool(r["gt_empty"]) and bool(r["pred_empty"]) for r in rows)
+        summary.update(n_both_empty=both, both_empty_fraction=both / len(rows))
+    return summary
 
 
 def summary_table(summary: Mapping, title: str = "") -> Table:
