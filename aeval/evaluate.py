@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from aeval.console import console
-from aeval.metrics import scoring_rules
+from aeval.metrics import metric_key, scoring_rules
 from aeval.nifti import CaseError, FailureLog
 from aeval.predict import LoadedModel, case_name, load_model, predict_files, print_error
 from aeval.report import cell_dir, write_cell
@@ -53,11 +53,6 @@ def held_out_cases(dataset_dir: Path) -> tuple[list[Path], Path, str]:
         raise CaseError(dataset_dir, "the test split is empty")
     images = [dataset_dir / "imagesTs" / f"{case}_0000.nii.gz" for case in cases]
     return images, dataset_dir / "labelsTs", system
-
-
-def metric_key(metric: str, classes: str = "aeval8") -> str:
-    """How a cell's metric folder is named: the mode, plus the class space when it is not the 8 organs."""
-    return metric if classes == "aeval8" else f"{metric}-{classes}"
 
 
 def cell_finished(cell: Path) -> bool:
