@@ -523,9 +523,11 @@ def case_boxplot(grid: Grid, cells: list[dict], path: Path) -> Path | None:
         present = [k for k in keys if (*k, test) in per_case]
         boxes = ax.boxplot([per_case[(*k, test)] for k in present], patch_artist=True, widths=0.6,
                            medianprops={"color": "black"})
-        for box, key in zip(boxes["boxes"], present, strict=True):
+        for i, (box, key) in enumerate(zip(boxes["boxes"], present, strict=True), start=1):
             box.set_facecolor(colours(keys.index(key) % 10))
-            box.set_alpha(0.8)
+            box.set_alpha(0.7)
+            values = per_case[(*key, test)]  # the cases themselves: a few cases make no box
+            ax.plot(i + np.linspace(-0.15, 0.15, len(values)), values, "o", color="black", markersize=2.5)
         ax.set_xticks(range(1, len(present) + 1), [grid.label(k) for k in present], rotation=60, ha="right",
                       fontsize=8)
         ax.set_title(display(test), fontsize=10)
