@@ -305,13 +305,15 @@ def test_version_is_no_longer_a_silent_key(tmp_path):
 # --- the 2025 grid end to end -----------------------------------------------------------------------------------
 
 def _cell_reference(cell, data_root, test, gt_system, model_system="flare22", rules=AEVAL10):
-    """Mean DSC of a cell recomputed from its predictions and the unified ground truth with the reference."""
+    """Mean DSC of a cell (its folder) recomputed from its predictions and the unified ground truth with the
+    reference."""
     values = []
     for pred_path in sorted((cell.parent / "predictions").glob("*.nii.gz")):
         gt_img = nib.load(str(data_root / test / "labelsTs" / pred_path.name))
         gt = L.to_aeval2025(np.asanyarray(gt_img.dataobj), gt_system)
         pred = L.to_aeval2025(np.asanyarray(nib.load(str(pred_path)).dataobj), model_system)
         values += [d for d, _ in reference_scores(pred, gt, gt_img.header.get_zooms()[:3], rules).values()]
+    assert values
     return float(np.mean(values))
 
 
@@ -356,7 +358,7 @@ def test_aeval2025_grid_end_to_end(tmp_path, monkeypatch):
     for cell in cells.values():
         assert list(cell["organs"]) == list(AEVAL2025) and cell["n_cases"] == 1
     for train, test in (("word2025", "word2025"), ("totalseg_mr", "amos_mr")):
-        cell = results / train / "stu_tiny" / test / "aeval10/summary.json"
+        cell = results / train / "stu_tiny" / test / "aeval10"
         assert cells[(train, test)]["mean_dsc"] == pytest.approx(_cell_reference(cell, data_root, test, systems[test]),
                                                                 abs=1e-12)
 
@@ -390,7 +392,7 @@ def test_aeval2025_grid_end_to_end(tmp_path, monkeypatch):
     assert outcome.missing == [] and outcome.failures.exit_code() == 0
     script = json.loads((results / "word2025/stu_tiny/word2025/aeval2025_script/summary.json").read_text())
     assert list(script["organs"]) == [o for o in AEVAL2025 if o in SCRIPT_2025]
-    cell = results / "word2025/stu_tiny/word2025/aeval2025_script/summary.json"
+    cell = results / "word2025/stu_tiny/word2025/aeval2025_script"
     assert script["mean_dsc"] == pytest.approx(_cell_reference(cell, data_root, "word2025", "word2025",
                                                                rules=SCRIPT_2025), abs=1e-12)
     assert (results / "flare22/stu_tiny/btcv/predictions").stat().st_mtime_ns == stamp
