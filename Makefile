@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup demo demo2025 test test-slow lint clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	WANDB_MODE=offline $(PY) -m aeval.grid experiment=demo
+
+demo2025: setup  # the 2025 edition's grid (6 training x 7 test sets, ten organs) on the synthetic A-Eval-mini
+	WANDB_MODE=offline $(PY) -m aeval.grid experiment=aeval2025_demo
 
 test: setup
 	$(PY) -m pytest -q

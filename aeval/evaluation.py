@@ -15,8 +15,8 @@ from typing import Any
 
 from aeval.console import console
 from aeval.errors import CaseError, FailureLog
-from aeval.keys import RUN_HASH_LENGTH, RunKey, digest, metric_key
-from aeval.metrics import scoring_rules
+from aeval.keys import RUN_HASH_LENGTH, RunKey, digest
+from aeval.metrics import metric_key, scoring_rules
 from aeval.predict import LoadedModel, case_name, predict_files
 from aeval.results import cell_dir, cell_finished, predictions_dir, write_cell
 from aeval.score import score_folder

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CellKey", "RunKey", "digest", "metric_key", "model_name", "run_hash", "training_settings"]
+__all__ = ["CellKey", "RunKey", "digest", "model_name", "run_hash", "training_settings"]
 
 RUN_HASH_LENGTH = 8
 TRAINING_SETTINGS = ("module", "model", "trainer", "data", "optim", "scheduler", "plan", "seed", "loss", "callbacks")
@@ -31,11 +31,6 @@ def model_name(size: str) -> str:
     """``s`` -> ``stu_s`` (the name cells, run folders and reports use); ``stu_s`` stays as it is."""
     size = str(size).lower()
     return size if size.startswith("stu_") else f"stu_{size}"
-
-
-def metric_key(metric: str, classes: str = "aeval8") -> str:
-    """How a cell's metric folder is named: the mode, plus the class space when it is not the 8 organs."""
-    return metric if classes == "aeval8" else f"{metric}-{classes}"
 
 
 def digest(value: Any, length: int = 12) -> str:
@@ -89,7 +84,7 @@ class RunKey:
 
 @dataclass(frozen=True)
 class CellKey:
-    """A run's key plus the test set and metric mode (:func:`metric_key`)."""
+    """A run's key plus the test set and metric mode (:func:`aeval.metrics.metric_key`)."""
 
     protocol: str
     train: str

@@ -37,8 +37,17 @@ BTCV_ORGANS = (
 AEVAL8_ORGANS = (
     "liver", "kidney_right", "spleen", "pancreas", "gallbladder", "esophagus", "stomach", "kidney_left",
 )
-# The 2025 A-Eval README adds both adrenals after the 8 organs (right before left, as in FLARE22).
+# aeval's own ten-class space (kept for the existing ``aeval10`` cells): the 2023 eight, then right and left
+# adrenal. NOT the 2025 edition's numbering -- a file written by the 2025 A-Eval tooling is ``aeval2025``.
 AEVAL10_ORGANS = AEVAL8_ORGANS + ("adrenal_gland_right", "adrenal_gland_left")
+# The 2025 edition's evaluation numbering (``AEval_label`` of its ``label_systems.py``).
+AEVAL2025_ORGANS = (
+    "spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas", "adrenal_gland_right",
+    "adrenal_gland_left", "esophagus",
+)
+# WORD as the 2025 edition uses it: label 12 becomes the left adrenal and a new 17 the right one (A-Eval
+# post-processed WORD with an unpublished rule; aeval's converter has its own, see aeval.data.convert).
+WORD2025_ORGANS = (*WORD_ORGANS[:11], "adrenal_gland_left", *WORD_ORGANS[12:], "adrenal_gland_right")
 
 # Structures that stand for several FLARE22 classes at once (WORD does not split the adrenals).
 COMPOSITE_ORGANS = {"adrenal_glands": ("adrenal_gland_right", "adrenal_gland_left")}
@@ -83,6 +92,7 @@ def _systems() -> dict[str, LabelSystem]:
         "flare22": _numbered(FLARE22_ORGANS),
         "amos": _numbered(AMOS_ORGANS),
         "word": _numbered(WORD_ORGANS),
+        "word2025": _numbered(WORD2025_ORGANS),
         "btcv": _numbered(BTCV_ORGANS),
         "totalseg_v1": {int(k): v for k, v in ts_maps["total_v1"].items()},
         "totalseg_v2": {int(k): v for k, v in ts_maps["total"].items()},
@@ -90,6 +100,7 @@ def _systems() -> dict[str, LabelSystem]:
         "totalseg_104_alpha": alpha,
         "aeval8": _numbered(AEVAL8_ORGANS),
         "aeval10": _numbered(AEVAL10_ORGANS),
+        "aeval2025": _numbered(AEVAL2025_ORGANS),
     }
     return {name: LabelSystem(name, table) for name, table in tables.items()}
 
@@ -137,9 +148,15 @@ def to_aeval8(labels: np.ndarray, system: str) -> np.ndarray:
 
 
 def to_aeval10(labels: np.ndarray, system: str) -> np.ndarray:
-    """The 2025 A-Eval classes: the 8 organs plus right and left adrenal. WORD's merged adrenal label
-    cannot be split and becomes 0."""
+    """aeval's ten classes: the 8 organs plus right and left adrenal, in aeval's order (not the 2025
+    edition's: see :func:`to_aeval2025`). WORD's merged adrenal label cannot be split and becomes 0."""
     return remap(labels, system, "aeval10")
+
+
+def to_aeval2025(labels: np.ndarray, system: str) -> np.ndarray:
+    """The 2025 A-Eval numbering (1 spleen, 2 kidney_right, 3 kidney_left, 4 gallbladder, 5 liver, 6 stomach,
+    7 pancreas, 8/9 adrenal right/left, 10 esophagus). WORD needs ``word2025`` (split adrenals) here."""
+    return remap(labels, system, "aeval2025")
 
 
 # --- FLARE22 training space -------------------------------------------------------------------------

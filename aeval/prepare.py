@@ -14,7 +14,7 @@ from aeval.console import console
 from aeval.data.convert import ConversionSummary, convert_dataset
 from aeval.data.registry import DatasetSpec
 from aeval.entry import hydra_entry
-from aeval.errors import FailureLog
+from aeval.errors import CaseError, FailureLog
 
 
 def prepare(datasets: Mapping[str, Mapping[str, Any]], data_root: str | Path, *, only: list[str] | None = None,
@@ -28,10 +28,17 @@ def prepare(datasets: Mapping[str, Mapping[str, Any]], data_root: str | Path, *,
         raise KeyError(f"unknown dataset(s) {unknown}; configured: {list(datasets)}")
     with Progress(console=console, transient=True) as progress:
         for name in names:
-            spec = DatasetSpec.from_config(datasets[name])
+            try:
+                spec = DatasetSpec.from_config(datasets[name])
+            except ValueError as err:  # a bad dataset setting: one line, the other datasets go on
+                failures.add(str(err), None)
+                continue
             try:
                 summary = convert_dataset(spec, Path(data_root), num_workers=num_workers, failures=failures,
                                           progress=progress)
+            except CaseError as err:  # the dataset's own index (meta.csv) is unusable
+                failures.add(err)
+                continue
             except FileNotFoundError as err:
                 if not missing_ok:
                     failures.add(str(err).split(": ", 1)[1], spec.raw_dir)

@@ -10,7 +10,11 @@ sets, DSC / NSD with 2 decimals, ``Mean ± SD`` per row and per column and overa
 AMOS MR among the test sets ``CT Mean ± SD`` and ``All Mean ± SD`` as in Table 9), the model-size
 comparison (Figure 3) when cells carry several models, per-organ tables when organ-level cells exist,
 and optionally the paper's published values beside ours: ``grid.md``, ``grid.csv``, ``grid.tex``, one
-heatmap PNG per metric, ``model_sizes.png``.
+heatmap PNG per metric, ``model_sizes.png``. With two or more MR test sets (the 2025 edition's grid) the
+table is laid out by modality: CT columns, ``CT Mean``, MR columns, ``MR Mean``, ``All Mean``, and the same
+for the rows (CT-trained rows, MR-trained rows, then their means); cells read from a results folder carry
+their per-case DSC, drawn as the 2025 README's box plots (``boxplot_dsc.png``). Every report opens with a
+metric card naming the metric mode of its cells and the rules it applies.
 """
 
 from __future__ import annotations
@@ -29,19 +33,23 @@ from omegaconf import DictConfig
 
 from aeval.entry import hydra_entry
 from aeval.errors import CaseError
+from aeval.metrics import metric_card
 from aeval.nifti import atomic_path, write_text_atomic
 from aeval.results import read_cells
 
 DATASET_NAMES = {
     "flare22": "FLARE22", "amos_ct": "AMOS CT", "amos_mr": "AMOS MR", "amos_ct_mr": "AMOS CT+MR",
-    "word": "WORD", "totalseg": "TotalSegmentator", "btcv": "BTCV", "joint": "Joint",
+    "word": "WORD", "word2025": "WORD 2025", "totalseg": "TotalSegmentator", "totalseg_v2": "TotalSegmentator v2",
+    "totalseg_mr": "TotalSegmentator MR", "btcv": "BTCV", "joint": "Joint",
 }
 MODEL_NAMES = {"stu_s": "STU-Net-S", "stu_b": "STU-Net-B", "stu_l": "STU-Net-L", "stu_h": "STU-Net-H"}
-TRAIN_ORDER = ("flare22", "amos_ct", "amos_mr", "amos_ct_mr", "word", "totalseg", "joint")
-TEST_ORDER = ("flare22", "amos_ct", "word", "totalseg", "btcv", "amos_mr")
+TRAIN_ORDER = ("flare22", "amos_ct", "amos_mr", "amos_ct_mr", "word", "word2025", "totalseg", "totalseg_v2",
+               "totalseg_mr", "joint")
+TEST_ORDER = ("flare22", "amos_ct", "word", "word2025", "totalseg", "totalseg_v2", "btcv", "amos_mr", "totalseg_mr")
 PROTOCOL_ORDER = ("individual", "pseudo_label", "multimodal", "joint")
 MODEL_ORDER = ("stu_s", "stu_b", "stu_l", "stu_h")
-MR_TEST_SETS = frozenset({"amos_mr"})
+MR_DATASETS = frozenset({"amos_mr", "totalseg_mr"})  # MR test columns; MR-trained rows in the modality layout
+MR_TEST_SETS = MR_DATASETS
 METRICS = ("dsc", "nsd")
 PAPER_DIR = Path(__file__).resolve().parent / "paper"
 PUBLISHED_MODEL = "stu_l"  # the size of the paper's tables
@@ -93,6 +101,10 @@ def normalize_cells(cells) -> list[dict]:
             row = {k: _optional(cell.get(k)) for k in ("protocol", "model", "run", "metric", "organ")}
             row.update(train=str(cell["train"]).strip(), test=str(cell["test"]).strip(),
                        dsc=float(cell["dsc"]), nsd=float(cell["nsd"]))
+            if isinstance(cell.get("case_dsc"), list | tuple):
+                row["case_dsc"] = tuple(float(v) for v in cell["case_dsc"])
+            row.update({k: cell[k] for k in ("variant", "n_cases", "n_failed", "n_expected")
+                        if cell.get(k) is not None})
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"cell {i + 1}: needs train, test, dsc and nsd ({type(err).__name__}: {err})") from None
         key = tuple(row[k] for k in ("protocol", "model", "run", "metric", "organ", "train", "test"))
@@ -182,8 +194,27 @@ class Grid:
         return [t for t in self.tests if t not in MR_TEST_SETS]
 
     @property
+    def mr_tests(self) -> list[str]:
+        return [t for t in self.tests if t in MR_TEST_SETS]
+
+    @property
     def split_modalities(self) -> bool:
         return any(t in MR_TEST_SETS for t in self.tests) and bool(self.ct_tests)
+
+    @property
+    def by_modality(self) -> bool:
+        """The 2025 layout (CT / MR columns and rows, each with its mean): two or more MR test sets."""
+        return len(self.mr_tests) >= 2 and bool(self.ct_tests)
+
+    def row_groups(self) -> list[tuple[str, list]]:
+        """Bottom rows of the table: (label, row keys); by modality CT-trained and MR-trained rows apart."""
+        if not self.by_modality:
+            return [("Mean ± SD", self.row_keys)]
+        ct = [k for k in self.row_keys if k[1] not in MR_DATASETS]
+        mr = [k for k in self.row_keys if k[1] in MR_DATASETS]
+        groups = [("CT Mean ± SD", ct)] if ct and mr else []
+        groups += [("MR Mean ± SD", mr)] if ct and mr else []
+        return groups + [("All Mean ± SD" if ct and mr else "Mean ± SD", self.row_keys)]
 
     def present(self, metric: str, keys=None, tests=None) -> list[float]:
         keys = self.row_keys if keys is None else keys
@@ -245,31 +276,36 @@ def grid_table(grid: Grid) -> TextTable:
     def stat(keys=None, tests=None) -> str:
         return _pair(*(_fmt_mean_sd(grid.present(m, keys, tests)) for m in METRICS))
 
-    ct, split = grid.ct_tests, grid.split_modalities
-    columns = ct + ["CT Mean ± SD"] + [t for t in grid.tests if t in MR_TEST_SETS] + ["All Mean ± SD"] \
-        if split else grid.tests + ["Mean ± SD"]
+    ct, mr = grid.ct_tests, grid.mr_tests
+    if grid.by_modality:
+        columns = ct + ["CT Mean ± SD"] + mr + ["MR Mean ± SD", "All Mean ± SD"]
+    elif grid.split_modalities:
+        columns = ct + ["CT Mean ± SD"] + mr + ["All Mean ± SD"]
+    else:
+        columns = grid.tests + ["Mean ± SD"]
+    mean_tests = {"CT Mean ± SD": ct, "MR Mean ± SD": mr}
     header = ["Train \\ Test"] + [c if c.endswith("SD") else display(c) for c in columns]
+    row_keys = grid.row_keys
+    if grid.by_modality:  # CT-trained rows first, then MR-trained ones
+        row_keys = sorted(row_keys, key=lambda k: k[1] in MR_DATASETS)
     rows = []
-    for key in grid.row_keys:
+    for key in row_keys:
         row = [grid.label(key)]
         for column in columns:
-            if column == "CT Mean ± SD":
-                row.append(stat([key], ct))
-            elif column.endswith("Mean ± SD"):
-                row.append(stat([key]))
+            if column.endswith("Mean ± SD"):
+                row.append(stat([key], mean_tests.get(column)))
             else:
                 c = grid.cell(key, column)
                 row.append(_pair(_fmt(c["dsc"]), _fmt(c["nsd"])) if c else "–")
         rows.append(row)
-    bottom = ["Mean ± SD"]
-    for column in columns:
-        if column == "CT Mean ± SD":
-            bottom.append(stat(tests=ct))
-        elif column.endswith("Mean ± SD"):
-            bottom.append(stat())
-        else:
-            bottom.append(stat(tests=[column]))
-    rows.append(bottom)
+    for label, keys in grid.row_groups():
+        bottom = [label]
+        for column in columns:
+            if column.endswith("Mean ± SD"):
+                bottom.append(stat(keys, mean_tests.get(column)))
+            else:
+                bottom.append(stat(keys, [column]))
+        rows.append(bottom)
     notes = ["DSC / NSD in %; SD is the population SD (ddof=0)."]
     if grid.runs:
         notes.append("Runs: " + "; ".join(f"{grid.label(k)} {grid.runs[k]}" for k in grid.row_keys if k in grid.runs))
@@ -430,6 +466,43 @@ def heatmap(grid: Grid, metric: str, path: Path) -> Path:
     return path
 
 
+def case_boxplot(grid: Grid, cells: list[dict], path: Path) -> Path | None:
+    """The 2025 README's view: per test set, the distribution of per-case DSC of each training set's model.
+    None when no cell of ``grid`` carries per-case values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_case = {(c["protocol"], c["train"], c["test"]): c["case_dsc"] for c in cells
+                if c.get("case_dsc") and c["organ"] is None and c["metric"] == grid.metric and c["model"] == grid.model}
+    tests = [t for t in grid.tests if any(k[2] == t for k in per_case)]
+    if not tests:
+        return None
+    keys = sorted(grid.row_keys, key=lambda k: k[1] in MR_DATASETS) if grid.by_modality else grid.row_keys
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(tests), figsize=(2.2 + 0.45 * len(keys) * len(tests), 4.2), squeeze=False,
+                             sharey=True)
+    for ax, test in zip(axes[0], tests, strict=True):
+        present = [k for k in keys if (*k, test) in per_case]
+        boxes = ax.boxplot([per_case[(*k, test)] for k in present], patch_artist=True, widths=0.6,
+                           medianprops={"color": "black"})
+        for i, (box, key) in enumerate(zip(boxes["boxes"], present, strict=True), start=1):
+            box.set_facecolor(colours(keys.index(key) % 10))
+            box.set_alpha(0.7)
+            values = per_case[(*key, test)]  # the cases themselves: a few cases make no box
+            ax.plot(i + np.linspace(-0.15, 0.15, len(values)), values, "o", color="black", markersize=2.5)
+        ax.set_xticks(range(1, len(present) + 1), [grid.label(k) for k in present], rotation=60, ha="right",
+                      fontsize=8)
+        ax.set_title(display(test), fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("per-case DSC (%)")
+    fig.suptitle(f"{grid.title} — per-case DSC by training set")
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 def model_size_chart(grids: list[Grid], path: Path) -> Path:
     import matplotlib
 
@@ -485,6 +558,7 @@ def build_report(cells_df_or_rows, out_dir: str | os.PathLike, paper: str | os.P
     grids = _grids(grid_cells)
     paper_cells = load_paper(paper) if paper else None
     sections, tex, csv_rows, files, comparisons = [f"# {title}", ""], [], [], [], []
+    sections += metric_section(grid_cells)
     several = len(grids) > 1
     for grid in grids:
         table = grid_table(grid)
@@ -494,6 +568,10 @@ def build_report(cells_df_or_rows, out_dir: str | os.PathLike, paper: str | os.P
         for metric in METRICS if figures else ():
             name = _slug("heatmap", grid.metric if several else None, grid.model if several else None, metric)
             files.append(heatmap(grid, metric, out_dir / f"{name}.png"))
+        if figures:
+            name = _slug("boxplot", grid.metric if several else None, grid.model if several else None, "dsc")
+            box = case_boxplot(grid, grid_cells, out_dir / f"{name}.png")
+            files += [box] if box else []
         if paper_cells is not None:
             compared = paper_comparison(grid, paper_cells)
             if compared:
@@ -524,6 +602,17 @@ def build_report(cells_df_or_rows, out_dir: str | os.PathLike, paper: str | os.P
     if comparisons:
         files.append(write_text_atomic(out_dir / "comparison.csv", _csv_text(comparisons)))
     return Report(text, files)
+
+
+def metric_section(cells: list[dict]) -> list[str]:
+    """The report's metric card: what each metric mode among ``cells`` scores and how."""
+    keys = _order((c["metric"] for c in cells if c["metric"]), ("aeval", "flare22", "aeval10", "aeval2025_script"))
+    lines = ["### Metric", ""]
+    for key in keys:
+        lines += metric_card(key)
+    if any(c["metric"] is None for c in cells):
+        lines.append("- cells without a metric mode (a CSV without a `metric` column): mode not recorded.")
+    return lines + [""]
 
 
 def run(cfg: DictConfig) -> int:

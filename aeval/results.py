@@ -120,13 +120,27 @@ def read_cells(results_root: str | os.PathLike, problems: list[str] | None = Non
             if summary.get("mean_dsc") is None or summary.get("mean_nsd") is None:
                 problems.append(f"{path}: no scored cases")
                 continue
-            rows.append(_row(key, None, {"dsc": summary["mean_dsc"], "nsd": summary["mean_nsd"]}, summary))
+            rows.append({**_row(key, None, {"dsc": summary["mean_dsc"], "nsd": summary["mean_nsd"]}, summary),
+                         "case_dsc": _case_dsc(path.parent / CASES_CSV)})
             for organ, values in (summary.get("organs") or {}).items():
                 if values.get("dsc") is not None and values.get("nsd") is not None:
                     rows.append(_row(key, organ, values, summary))
         except (ValueError, TypeError, AttributeError, KeyError) as err:
             problems.append(f"{path}: unreadable cell ({type(err).__name__}: {err})")
     return rows
+
+
+def _case_dsc(path: Path) -> list[float] | None:
+    """Per-case DSC (%, the mean over the case's organs) from a cell's ``cases.csv`` (for box plots); None when
+    unreadable."""
+    try:
+        with open(path, newline="") as handle:
+            per_case: dict[str, list[float]] = {}
+            for row in csv.DictReader(handle):
+                per_case.setdefault(row["case"], []).append(float(row["dsc"]))
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return [100 * sum(values) / len(values) for _, values in sorted(per_case.items())] or None
 
 
 def read_case_rows(results_root: str | os.PathLike, key: CellKey) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from rich.table import Table
 from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system, remap
-from aeval.metrics import CLASS_SPACES, empty_flags, score_case, scoring_rules, surfel_area_table
+from aeval.metrics import empty_flags, score_case, scoring_rules, surfel_area_table
 from aeval.nifti import read_label, spacing_of
 from aeval.results import CASES_CSV, SUMMARY_JSON, write_scores
 
@@ -145,8 +145,9 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
     """Score every ground-truth case of ``gt_dir`` against the prediction of the same name in ``pred_dir``.
 
     ``pred_labels``/``gt_labels`` name the label systems of the two folders (see ``aeval.labels``),
-    ``metric`` the rules (``aeval`` or ``flare22``). ``extra`` is merged into ``summary.json`` (the
-    evaluate stage adds the cell's protocol/train/model/test). Writes into ``out_dir`` when given."""
+    ``metric`` the rules (``aeval``, ``flare22``, ``aeval10``, ``aeval2025_script``; see ``aeval.metrics``).
+    ``extra`` is merged into ``summary.json`` (the evaluate stage adds the cell's protocol/train/model/test).
+    Writes into ``out_dir`` when given."""
     scoring_rules(metric, classes)  # unknown mode or class space: ValueError before any work
     for system in (pred_labels, gt_labels):
         try:
@@ -198,7 +199,7 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
     for case in sorted(failed):
         log.add(failed[case])
 
-    organs = CLASS_SPACES[classes]
+    organs = [rule.organ for rule in scoring_rules(metric, classes)]  # a mode may leave organs out
     rows = [{"case": case, "organ": organ, **results[case][organ]} for case in sorted(results) for organ in organs]
     summary = {
         "metric": metric, "mode": metric, "classes": classes, **summarize(rows, organs),

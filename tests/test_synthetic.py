@@ -121,7 +121,7 @@ def test_official_file_names(mini):
 
     word = root / "WORD/WORD-V0.1.0"
     for folder, numbers in (("imagesTr", range(1, 7)), ("labelsTr", range(1, 7)), ("imagesVal", range(7, 11)),
-                            ("labelsVal", range(7, 11))):
+                            ("labelsVal", range(7, 11)), ("imagesTs", range(11, 14)), ("labelsTs", range(11, 14))):
         assert sorted(p.name for p in (word / folder).iterdir()) == [f"word_{i:04d}.nii.gz" for i in numbers]
 
     btcv = root / "BTCV/RawData/Training"
@@ -140,8 +140,19 @@ def test_official_file_names(mini):
         assert {p.name.removesuffix(".nii.gz") for p in (folder / "segmentations").iterdir()} == v1_names
     assert summary["cases"] == {"flare22": {"train": 6, "val": 4, "unlabeled": 4},
                                 "amos_ct": {"train": 6, "val": 4}, "amos_mr": {"train": 4, "val": 3},
-                                "word": {"train": 6, "val": 4}, "totalseg": {"train": 8, "val": 4, "test": 2},
-                                "btcv": {"train": 4}}
+                                "word": {"train": 6, "val": 4, "test": 3},
+                                "totalseg": {"train": 8, "val": 4, "test": 2}, "btcv": {"train": 4},
+                                "totalseg_v2": {"train": 6, "test": 3}, "totalseg_mr": {"train": 4, "test": 3}}
+    for folder, image, system, counts in (("TotalSegmentatorV2", "ct.nii.gz", "totalseg_v2", (6, 3)),
+                                          ("TotalSegmentatorMRI", "mri.nii.gz", "totalseg_mr", (4, 3))):
+        with (root / folder / "meta.csv").open() as handle:
+            rows = list(csv.DictReader(handle, delimiter=";"))
+        assert [sum(r["split"] == s for r in rows) for s in ("train", "test")] == list(counts)
+        names = set(get_system(system).names.values())
+        for row in rows:
+            assert (root / folder / row["image_id"] / image).is_file()
+            assert {p.name.removesuffix(".nii.gz") for p in (root / folder / row["image_id"] / "segmentations")
+                    .iterdir()} == names
 
 
 def test_dataset_registry_finds_every_case(mini):
@@ -151,7 +162,9 @@ def test_dataset_registry_finds_every_case(mini):
     root, _ = mini
     expected = {"flare22": {"train": 6, "test": 4}, "flare22_unlabeled": {"train": 4},
                 "amos_ct": {"train": 6, "test": 4}, "amos_mr": {"train": 4, "test": 3},
-                "word": {"train": 6, "test": 4}, "totalseg": {"train": 8, "test": 4}, "btcv": {"test": 4}}
+                "word": {"train": 6, "test": 4}, "totalseg": {"train": 8, "test": 4}, "btcv": {"test": 4},
+                "word2025": {"train": 6, "test": 3}, "totalseg_v2": {"train": 6, "test": 3},
+                "totalseg_mr": {"train": 4, "test": 3}}
     for name, counts in expected.items():
         dataset_yaml = OmegaConf.load(CONF_DIR / f"dataset/{name}.yaml")
         cfg = OmegaConf.merge({"paths": {"raw_root": str(root)}}, dataset_yaml)

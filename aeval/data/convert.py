@@ -9,7 +9,13 @@ Unified layout, nnU-Net v2 raw style, at ``{data_root}/{name}/``::
 
 Labels keep their native numbering (the label system is recorded in dataset.json) and images are copied
 byte for byte, so geometry and header stay untouched. TotalSegmentator's per-structure masks are merged
-into one map in class-map order, later structures overwriting earlier ones.
+into one map in class-map order, later structures overwriting earlier ones; the dataset's ``label_system``
+(``totalseg_v1``, ``totalseg_v2``, ``totalseg_mr``) says which structure files a case folder holds.
+
+WORD for the 2025 edition (``label_system: word2025``, ``split_adrenals: midline``): A-Eval 2025 split WORD's
+merged adrenal label (12) into 12 = left and 17 = right with a rule it did not publish. Ours, see
+:func:`split_word_adrenals`, is by the side of the body midline of each adrenal component; such labels are
+rewritten (uint8), not copied.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from aeval.data.registry import DatasetSpec, RawCase
 from aeval.errors import CaseError, FailureLog
@@ -93,6 +100,43 @@ def _merge_totalseg(folder: Path, reference: nib.Nifti1Image, system: str) -> np
     return merged
 
 
+WORD_ADRENALS, WORD_LEFT_ADRENAL, WORD_RIGHT_ADRENAL = 12, 12, 17
+WORD_KIDNEY_LEFT, WORD_KIDNEY_RIGHT = 3, 4
+BODY_HU = -500.0  # voxels above this are body (or table) when the kidneys cannot give the midline
+
+
+def body_midline_x(labels: np.ndarray, affine: np.ndarray, image: np.ndarray | None = None) -> float:
+    """World x (RAS+, mm) of the body midline: halfway between the two kidneys' centroids when both are
+    labelled (WORD labels them; they flank the spine), else the centroid of the voxels above -500 HU, else
+    the volume centre."""
+    def world_x(index: np.ndarray) -> float:
+        return float(affine[0, :3] @ index + affine[0, 3])
+
+    kidneys = [labels == k for k in (WORD_KIDNEY_LEFT, WORD_KIDNEY_RIGHT)]
+    if all(k.any() for k in kidneys):
+        return float(np.mean([world_x(np.array(ndimage.center_of_mass(k))) for k in kidneys]))
+    if image is not None and (image > BODY_HU).any():
+        return world_x(np.array(ndimage.center_of_mass(image > BODY_HU)))
+    return world_x((np.array(labels.shape) - 1) / 2.0)
+
+
+def split_word_adrenals(labels: np.ndarray, affine: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+    """WORD labels in the 2025 style: each 26-connected component of label 12 (both adrenals) becomes 17
+    (right adrenal) when its centroid lies right of :func:`body_midline_x` (world x larger in RAS+), else stays
+    12 (left adrenal). aeval's rule; A-Eval's own is unpublished. Labels that already hold a 17 are returned
+    unchanged (already post-processed)."""
+    adrenals = labels == WORD_ADRENALS
+    if (labels == WORD_RIGHT_ADRENAL).any() or not adrenals.any():
+        return labels
+    midline = body_midline_x(labels, affine, image)
+    components, n = ndimage.label(adrenals, structure=np.ones((3, 3, 3), bool))
+    centroids = np.array(ndimage.center_of_mass(adrenals, components, range(1, n + 1))).reshape(n, 3)
+    right = centroids @ affine[0, :3] + affine[0, 3] > midline
+    out = labels.copy()
+    out[np.isin(components, np.flatnonzero(right) + 1)] = WORD_RIGHT_ADRENAL
+    return out
+
+
 def convert_case(raw: RawCase, spec: DatasetSpec, out_dir: Path) -> ConvertedCase:
     """Validate one raw case and write it into the unified layout (atomically). Raises CaseError."""
     image_folder, label_folder = SPLIT_FOLDERS[raw.split]
@@ -104,6 +148,10 @@ def convert_case(raw: RawCase, spec: DatasetSpec, out_dir: Path) -> ConvertedCas
         else:
             labels, label_img = read_label(raw.label)
             check_same_geometry(image, label_img, raw.label)
+        rewritten = spec.layout == "totalseg"
+        if spec.split_adrenals:
+            split = split_word_adrenals(labels, image.affine, data)
+            rewritten, labels = split is not labels, split
         try:
             get_system(spec.label_system).check_values(labels, what=str(raw.label))
         except ValueError as err:
@@ -112,6 +160,8 @@ def convert_case(raw: RawCase, spec: DatasetSpec, out_dir: Path) -> ConvertedCas
         label_out = out_dir / label_folder / f"{raw.case}.nii.gz"
         if spec.layout == "totalseg":
             save_nifti(labels, image.affine, label_out, header=image.header)
+        elif rewritten:
+            save_nifti(labels.astype(np.uint8), label_img.affine, label_out, header=label_img.header)
         else:
             _copy_atomic(raw.label, label_out)
     _copy_atomic(raw.image, out_dir / image_folder / f"{raw.case}_0000.nii.gz")

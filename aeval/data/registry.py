@@ -10,10 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aeval.errors import CaseError
 from aeval.labels import get_system
 
 LAYOUTS = ("paired", "totalseg")
 MODALITIES = ("CT", "MR")
+# TotalSegmentator's meta.csv: the columns a split rule needs (``image_id``, and ``split`` by default).
+META_ID_COLUMN = "image_id"
+ADRENAL_SPLITS = ("midline",)  # aeval.data.convert.split_word_adrenals
 
 
 @dataclass(frozen=True)
@@ -35,24 +39,40 @@ class DatasetSpec:
     raw_dir: Path
     splits: dict[str, dict[str, Any]]
     case_id: dict[str, Any] | None = None
-    version: str | None = None
     meta: str | None = None
+    image: str = "ct.nii.gz"  # TotalSegmentator: the image file of a case folder (the MR dataset: mri.nii.gz)
+    split_adrenals: str | None = None  # paired WORD: write 2025-style labels (12 left, 17 right adrenal)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DatasetSpec:
+        """Raises ``ValueError`` (one line naming the dataset and key) for a bad or retired setting."""
         cfg = dict(cfg)
-        known = {"name", "modality", "layout", "label_system", "raw_dir", "splits", "case_id", "version", "meta"}
+        name = cfg.get("name")
+        known = {"name", "modality", "layout", "label_system", "raw_dir", "splits", "case_id", "meta", "image",
+                 "split_adrenals"}
+        if "version" in cfg:  # it used to be accepted and ignored; label_system is the one switch
+            raise ValueError(f"dataset {name}: 'version' is not a setting; set label_system (totalseg_v1, "
+                             "totalseg_v2, totalseg_mr) to choose the structure names, or use dataset "
+                             "totalseg_v2 / totalseg_mr")
         if cfg.get("layout") not in LAYOUTS:
-            raise ValueError(f"dataset {cfg.get('name')}: layout must be one of {LAYOUTS}, got {cfg.get('layout')}")
+            raise ValueError(f"dataset {name}: layout must be one of {LAYOUTS}, got {cfg.get('layout')}")
         if cfg.get("modality") not in MODALITIES:
-            raise ValueError(f"dataset {cfg.get('name')}: modality must be one of {MODALITIES}")
-        get_system(cfg["label_system"])  # fails early on a typo
+            raise ValueError(f"dataset {name}: modality must be one of {MODALITIES}")
+        try:
+            get_system(cfg["label_system"])  # fails early on a typo
+        except KeyError as err:
+            raise ValueError(f"dataset {name}: label_system: {err.args[0]}") from None
+        split_adrenals = cfg.get("split_adrenals")
+        if split_adrenals is not None and (split_adrenals not in ADRENAL_SPLITS or cfg["label_system"] != "word2025"):
+            raise ValueError(f"dataset {name}: split_adrenals must be one of {ADRENAL_SPLITS} (or null), and "
+                             f"needs label_system word2025; got {split_adrenals!r} with {cfg['label_system']}")
         return cls(
-            name=cfg["name"], modality=cfg["modality"], layout=cfg["layout"], label_system=cfg["label_system"],
+            name=name, modality=cfg["modality"], layout=cfg["layout"], label_system=cfg["label_system"],
             raw_dir=Path(cfg["raw_dir"]), splits={k: dict(v) for k, v in dict(cfg["splits"]).items()},
-            case_id=dict(cfg["case_id"]) if cfg.get("case_id") else None, version=cfg.get("version"),
-            meta=cfg.get("meta"), extra={k: v for k, v in cfg.items() if k not in known},
+            case_id=dict(cfg["case_id"]) if cfg.get("case_id") else None, meta=cfg.get("meta"),
+            image=cfg.get("image") or "ct.nii.gz", split_adrenals=split_adrenals,
+            extra={k: v for k, v in cfg.items() if k not in known},
         )
 
     def has_labels(self) -> bool:
@@ -89,14 +109,32 @@ class DatasetSpec:
 
     def _totalseg_cases(self, split: str, rule: dict[str, Any]) -> list[RawCase]:
         meta = self.raw_dir / (self.meta or "meta.csv")
-        if not meta.exists():
-            raise FileNotFoundError(f"{meta}: TotalSegmentator meta.csv not found")
-        with meta.open(newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter=";"))
+        column = rule.get("column", "split")
+        rows = read_meta(meta, (META_ID_COLUMN, column))
         cases = []
         for row in rows:
-            if row.get("split") != rule["split"]:
+            if (row[column] or "").strip() != rule["split"]:
                 continue
-            folder = self.raw_dir / row["image_id"]
-            cases.append(RawCase(row["image_id"], split, folder / "ct.nii.gz", folder / "segmentations"))
+            case = row[META_ID_COLUMN].strip()
+            folder = self.raw_dir / case
+            cases.append(RawCase(case, split, folder / self.image, folder / "segmentations"))
         return sorted(cases, key=lambda c: c.case)
+
+
+def read_meta(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a TotalSegmentator ``meta.csv`` (``;``-separated, or ``,`` when the header has no ``;``; a UTF-8
+    BOM is ignored). ``FileNotFoundError`` when it is absent; :class:`CaseError` naming the file and its
+    columns when one of ``columns`` is missing."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: TotalSegmentator meta.csv not found")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = handle.readline()
+        handle.seek(0)
+        reader = csv.DictReader(handle, delimiter=";" if ";" in header or "," not in header else ",")
+        found = [name.strip() for name in reader.fieldnames or []]
+        missing = [c for c in columns if c not in found]
+        if missing:
+            raise CaseError(path, f"no column {', '.join(repr(c) for c in missing)} (columns: {', '.join(found)}); "
+                            "a split column of another name is set with splits.<split>.column")
+        reader.fieldnames = found
+        return list(reader)

@@ -19,6 +19,8 @@ WORD       R,A,S      uint16 + scl_inter -1024     ~6 x 6 x 6       portal, nois
                       / int16
 TotalSeg   R,A,S      int32 / uint8 masks          ~6 isotropic     native/arterial/portal/delayed, noise 16
 BTCV       L,P,S      int16 / float32              ~6 x 6 x 7       portal, noise 18, -5 HU
+TS v2      R,A,S      int16 / uint8 masks          ~6 isotropic     native/arterial/portal/delayed, noise 12
+TS MR      L,P,S      float32 / uint8 masks        ~7 x 7 x 6       T2-like, bias field, Rician noise
 =========  =========  ===========================  ===============  ========================================
 
 FLARE22 is L,P,S like NIfTIs converted from DICOM by ITK; AMOS L,A,S like the real ``amos_0013`` label;
@@ -26,7 +28,11 @@ TotalSegmentator R,A,S like its example files; WORD stores unsigned values with 
 many DICOM conversions. FLARE22 and BTCV fields of view cover the abdomen, AMOS CT and WORD reach the
 pelvis (bladder, prostate, femoral heads), AMOS MR only the upper abdomen. Of every five TotalSegmentator
 cases of a split, the third is centred on the thorax and the fifth on the pelvis (organs cut off or
-absent). The anatomy frame is RAS+ in mm with 0 at the kidney hila; each case sits at a random scanner
+absent). TotalSegmentator v2 (117 structure files, ``TotalSegmentatorV2/``) and TotalSegmentator MRI (50
+files, ``mri.nii.gz``, ``TotalSegmentatorMRI/``) have the same folder layout with their own ``meta.csv``; WORD
+also writes its test split (``imagesTs``/``labelsTs``, which the 2025 edition tests on). Datasets added later
+draw from their own random streams, so the older datasets' files stay byte-identical for a seed.
+The anatomy frame is RAS+ in mm with 0 at the kidney hila; each case sits at a random scanner
 position, so no stage can rely on absolute world coordinates.
 """
 
@@ -56,9 +62,11 @@ DEFAULT_CASES: dict[str, dict[str, int]] = {
     "flare22": {"train": 6, "val": 4, "unlabeled": 4},
     "amos_ct": {"train": 6, "val": 4},
     "amos_mr": {"train": 4, "val": 3},
-    "word": {"train": 6, "val": 4},
+    "word": {"train": 6, "val": 4, "test": 3},
     "totalseg": {"train": 8, "val": 4, "test": 2},
     "btcv": {"train": 4},
+    "totalseg_v2": {"train": 6, "test": 3},  # new datasets go last: DATASET_INDEX seeds each case's stream
+    "totalseg_mr": {"train": 4, "test": 3},
 }
 
 
@@ -135,6 +143,19 @@ PROFILES: dict[str, DatasetProfile] = {
     "btcv": DatasetProfile(
         "btcv", "btcv", "CT", "LPS", (64, 64), (7.0,), (-110.0, 165.0), (1.15, 1.35), "int16", "float32",
         noise_hu=18.0, hu_offset=-5.0),
+    "totalseg_v2": DatasetProfile(
+        "totalseg_v2", "totalseg_v2", "CT", "RAS", (60, 52), (0.0,), (-135.0, 165.0), (1.05, 1.2), "int16",
+        "uint8", phases={"native": 0.3, "arterial": 0.2, "portal": 0.4, "delayed": 0.1}, noise_hu=12.0,
+        regions=("abdomen", "abdomen", "thorax", "abdomen", "pelvis")),
+    "totalseg_mr": DatasetProfile(
+        "totalseg_mr", "totalseg_mr", "MR", "LPS", (56, 48), (6.0,), (-110.0, 165.0), (1.05, 1.2), "float32",
+        "uint8", regions=("abdomen", "abdomen", "abdomen", "pelvis")),
+}
+# Where each TotalSegmentator-layout dataset lives, its image file, its case-id pool and its random streams.
+TOTALSEG_LAYOUTS = {
+    "totalseg": ("TotalSegmentator", "ct.nii.gz", 1204, 104),
+    "totalseg_v2": ("TotalSegmentatorV2", "ct.nii.gz", 1228, 105),
+    "totalseg_mr": ("TotalSegmentatorMRI", "mri.nii.gz", 616, 106),
 }
 # z-extent of the off-centre TotalSegmentator fields of view
 REGION_Z_RANGES = {"thorax": (75.0, 375.0), "pelvis": (-320.0, -20.0)}
@@ -821,10 +842,11 @@ def plan_cases(raw_root: Path, config: SyntheticConfig) -> list[PlannedCase]:
                 cases.append(PlannedCase(dataset, split, i, stem, amos / img_dir / f"{stem}.nii.gz",
                                          amos / lbl_dir / f"{stem}.nii.gz"))
     word = raw_root / "WORD/WORD-V0.1.0"
-    n_word = c["word"]["train"]
+    n_word, n_val = c["word"]["train"], c["word"]["train"] + c["word"]["val"]
     for split, numbers, (img_dir, lbl_dir) in (
             ("train", range(1, n_word + 1), ("imagesTr", "labelsTr")),
-            ("val", range(n_word + 1, n_word + c["word"]["val"] + 1), ("imagesVal", "labelsVal"))):
+            ("val", range(n_word + 1, n_val + 1), ("imagesVal", "labelsVal")),
+            ("test", range(n_val + 1, n_val + c["word"].get("test", 0) + 1), ("imagesTs", "labelsTs"))):
         for i, number in enumerate(numbers, start=1):
             stem = f"word_{number:04d}"
             cases.append(PlannedCase("word", split, i, stem, word / img_dir / f"{stem}.nii.gz",
@@ -848,6 +870,24 @@ def plan_cases(raw_root: Path, config: SyntheticConfig) -> list[PlannedCase]:
     for i, number in enumerate(btcv_numbers[:c["btcv"]["train"]], start=1):
         cases.append(PlannedCase("btcv", "train", i, f"img{number:04d}", btcv / f"img/img{number:04d}.nii.gz",
                                  btcv / f"label/label{number:04d}.nii.gz"))
+    for dataset in ("totalseg_v2", "totalseg_mr"):  # after every older dataset, each with its own id stream
+        cases += _plan_totalseg(raw_root, dataset, c[dataset], np.random.default_rng([config.seed, 7919,
+                                                                                       DATASET_INDEX[dataset]]))
+    return cases
+
+
+def _plan_totalseg(raw_root: Path, dataset: str, counts: Mapping[str, int],
+                   id_rng: np.random.Generator) -> list[PlannedCase]:
+    folder_name, image_name, pool, _ = TOTALSEG_LAYOUTS[dataset]
+    ids = id_rng.permutation(_sample_ids(id_rng, range(0, pool), sum(counts.values())))
+    regions = PROFILES[dataset].regions
+    cases, offset = [], 0
+    for split, count in counts.items():
+        for i, number in enumerate(sorted(ids[offset:offset + count]), start=1):
+            folder = raw_root / folder_name / f"s{number:04d}"
+            cases.append(PlannedCase(dataset, split, i, folder.name, folder / image_name, folder / "segmentations",
+                                     regions[(i - 1) % len(regions)]))
+        offset += count
     return cases
 
 
@@ -869,7 +909,7 @@ def write_case(case: PlannedCase, config: SyntheticConfig) -> dict[str, Any]:
     if case.label is not None:
         lut = structure_lookup(profile.label_system)
         labels = lut[rendered.structures]
-        if profile.name == "totalseg":
+        if profile.name in TOTALSEG_LAYOUTS:
             files += _write_masks(labels, get_system(profile.label_system).names, rendered.affine, case.label)
         else:
             save_nifti(labels.astype(profile.label_dtype), rendered.affine, case.label, header=_header())
@@ -907,18 +947,20 @@ def _write_amos_json(raw_root: Path, cases: list[PlannedCase]) -> None:
     write_text_atomic(raw_root / "AMOS/amos22/dataset.json", json.dumps(content, indent=4))
 
 
-def _write_totalseg_meta(raw_root: Path, cases: list[PlannedCase], seed: int) -> None:
-    ts = sorted((c for c in cases if c.dataset == "totalseg"), key=lambda c: c.case_id)
+def _write_totalseg_meta(raw_root: Path, cases: list[PlannedCase], seed: int, dataset: str = "totalseg") -> None:
+    folder, _, _, stream = TOTALSEG_LAYOUTS[dataset]
+    ts = sorted((c for c in cases if c.dataset == dataset), key=lambda c: c.case_id)
     if not ts:
         return
-    rng = np.random.default_rng([seed, 104])
+    modality = PROFILES[dataset].modality.lower()
+    rng = np.random.default_rng([seed, stream])
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter=";", lineterminator="\n")
     writer.writerow(["image_id", "age", "gender", "institute", "study_type", "split"])
     for c in ts:
         writer.writerow([c.case_id, int(rng.integers(20, 90)), "f" if rng.random() < 0.5 else "m",
-                         str(rng.choice(list("ABCDEFGH"))), REGION_STUDY_TYPES[c.region], c.split])
-    write_text_atomic(raw_root / "TotalSegmentator/meta.csv", buffer.getvalue())
+                         str(rng.choice(list("ABCDEFGH"))), f"{modality} {c.region}", c.split])
+    write_text_atomic(raw_root / folder / "meta.csv", buffer.getvalue())
 
 
 def generate_mini(raw_root: str | Path, config: SyntheticConfig | Mapping[str, Any] | None = None, *,
@@ -934,7 +976,8 @@ def generate_mini(raw_root: str | Path, config: SyntheticConfig | Mapping[str, A
     cases = plan_cases(raw_root, config)
     results = list(_with_progress(cases, lambda c: write_case(c, config), progress))
     _write_amos_json(raw_root, cases)
-    _write_totalseg_meta(raw_root, cases, config.seed)
+    for dataset in TOTALSEG_LAYOUTS:
+        _write_totalseg_meta(raw_root, cases, config.seed, dataset)
     counts: dict[str, dict[str, int]] = {}
     for r in results:
         counts.setdefault(r["dataset"], {}).setdefault(r["split"], 0)

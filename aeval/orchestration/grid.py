@@ -25,7 +25,8 @@ from aeval.data.synthetic import generate_mini
 from aeval.errors import FailureLog
 from aeval.evaluation import evaluate
 from aeval.fit import folder_lock, train
-from aeval.keys import RunKey, metric_key, model_name, run_hash
+from aeval.keys import RunKey, model_name, run_hash
+from aeval.metrics import metric_key
 from aeval.nifti import write_text_atomic
 from aeval.predict import load_model
 from aeval.prepare import prepare, summary_table
