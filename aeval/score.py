@@ -14,14 +14,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from aeval.entry import hydra_entry
@@ -29,9 +27,11 @@ from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system, remap
 from aeval.metrics import CLASS_SPACES, score_case, scoring_rules, surfel_area_table
 from aeval.nifti import read_label, spacing_of
+from aeval.parallel import EXPECTED_CASE_ERRORS, CaseFailure, failures_of, map_cases
 from aeval.results import CASES_CSV, SUMMARY_JSON, write_scores
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SCORE_ERRORS = (*EXPECTED_CASE_ERRORS, RuntimeError)
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -74,15 +74,8 @@ def score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_sy
     return score_case(pred, gt, spacing_of(gt_img), mode=mode, classes=classes)
 
 
-def _score_job(case: str, pred_path: Path, gt_path: Path, pred_system: str, gt_system: str, mode: str,
-               classes: str) -> tuple[str, dict[str, dict[str, float]] | None, str | None]:
-    """One case in a worker; failures come back as their one-line message."""
-    try:
-        return case, score_pair(pred_path, gt_path, pred_system, gt_system, mode, classes), None
-    except CaseError as err:
-        return case, None, str(err)
-    except (ValueError, OSError, RuntimeError, EOFError) as err:
-        return case, None, str(CaseError(pred_path, f"{type(err).__name__}: {err}"))
+def _score_job(job: tuple[str, Path, Path, str, str, str, str]) -> dict[str, dict[str, float]]:
+    return score_pair(*job[1:])
 
 
 @dataclass
@@ -159,32 +152,14 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
         say(f"[warning] {len(orphans)} prediction(s) without ground truth ignored: {', '.join(orphans[:5])}"
             + (" ..." if len(orphans) > 5 else ""))
 
-    results: dict[str, dict] = {}
-    failed: dict[str, str] = {}
     surfel_area_table((1.0, 1.0, 1.0))  # builds the cached surfel geometry once, before workers fork
-    bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   disable=not progress, transient=True)
-
-    def record(outcome: tuple[str, dict | None, str | None]) -> None:
-        case, scores, error = outcome
-        if error is None:
-            results[case] = scores
-        else:
-            failed[case] = error
-        bar.advance(task)
-
-    with bar:
-        task = bar.add_task("score", total=len(jobs))
-        args = [(case, p, g, pred_labels, gt_labels, metric, classes) for case, p, g in jobs]
-        if num_workers <= 1 or len(jobs) <= 1:
-            for a in args:
-                record(_score_job(*a))
-        else:
-            with ProcessPoolExecutor(max_workers=num_workers) as pool:
-                for future in as_completed([pool.submit(_score_job, *a) for a in args]):
-                    record(future.result())
-    for case in sorted(failed):
-        log.add(failed[case])
+    args = [(case, p, g, pred_labels, gt_labels, metric, classes) for case, p, g in jobs]
+    outcomes = map_cases(_score_job, args, num_workers=num_workers, path_of=lambda job: job[1],
+                         description="scoring", show_progress=progress, expected=SCORE_ERRORS)
+    results = {job[0]: outcome for job, outcome in zip(args, outcomes, strict=True)
+               if not isinstance(outcome, CaseFailure)}
+    for failure in failures_of(outcomes):
+        log.add(failure.as_error())
 
     organs = CLASS_SPACES[classes]
     rows = [{"case": case, "organ": organ, **results[case][organ]} for case in sorted(results) for organ in organs]
