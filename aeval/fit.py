@@ -10,6 +10,9 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import time
+import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,11 +79,41 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """``ckpt_path`` when given, else the run folder's ``last.ckpt`` when a previous attempt left one."""
+    """``ckpt_path`` when given, else the newest readable checkpoint a previous attempt left in the run folder
+    (``last.ckpt`` first). An unreadable one (truncated when a job was killed while it was written or copied)
+    is set aside as ``<name>.corrupt-<time>`` with a warning, so a re-run repairs itself; with none left the
+    run starts over."""
     if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ckpt_path not found")
+        return str(path)
+    folder = Path(cfg.run_dir) / "checkpoints"
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime_ns))
+    for candidate in found:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return str(candidate)
+        aside = candidate.with_name(f"{candidate.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        candidate.rename(aside)
+        log.warning("%s: unreadable checkpoint (%s); set aside as %s", candidate, problem, aside.name)
+    if found:
+        log.warning("%s: no readable checkpoint left; training starts over", folder)
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a loadable torch checkpoint, or None. Cheap: checks the zip directory and the
+    pickle entry (CRC), not every tensor, so a 10 GB checkpoint costs no full read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            if not pickles:
+                return "no data.pkl in the archive"
+            archive.read(pickles[0])
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def checkpoint_callbacks(directory: Path, validate: bool) -> tuple[ModelCheckpoint | None, ModelCheckpoint]:

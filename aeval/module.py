@@ -20,6 +20,8 @@ from aeval.labels import FLARE22_ORGANS
 from aeval.models.pretrained import load_pretrained
 from aeval.models.stunet import build_stunet
 
+OPTIMIZERS = ("sgd", "adamw")  # sgd: the recipe (Nesterov, poly); adamw: the CPU demo
+
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:
     """nnU-Net's weights: 1, 1/2, 1/4, ... with the lowest resolution switched off, normalised to sum 1."""
@@ -198,7 +200,10 @@ class STUNetModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
-        if o.get("name", "sgd") == "adamw":  # not the paper's recipe: learns in hundreds of steps (CPU demo)
+        name = o.get("name", "sgd")
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optim.name: unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
+        if name == "adamw":  # not the paper's recipe: learns in hundreds of steps (CPU demo)
             optimizer = torch.optim.AdamW(self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
         else:
             optimizer = torch.optim.SGD(self.parameters(), lr=o["lr"], momentum=o["momentum"],

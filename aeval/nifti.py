@@ -141,3 +141,33 @@ def remove_stale_temporaries(folder: str | os.PathLike, older_than: float = 60.0
     if removed:
         log.warning("%s: removed %d temporary file(s) left by an interrupted run", folder, len(removed))
     return removed
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    """A NIfTI file by its name, in any letter case (``.NII.GZ`` too); hidden and temporary files are not."""
+    name = Path(path).name
+    return name.lower().endswith(NIFTI_SUFFIXES) and not name.startswith(".")
+
+
+def nifti_case_name(path: str | os.PathLike) -> str:
+    """``amos_0013_0000.nii.gz`` (or ``.NII.GZ``) -> ``amos_0013``: the suffix and nnU-Net's channel dropped."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name[: -len("_0000")] if name.endswith("_0000") else name
+
+
+def nifti_cases(paths: list[Path]) -> tuple[dict[str, Path], list[CaseError]]:
+    """The files by case name, and one error per case that two files claim (``x.nii.gz`` and
+    ``x_0000.nii.gz``): such a case is left out rather than one of the files picked silently."""
+    by_case: dict[str, list[Path]] = {}
+    for path in sorted(paths):
+        by_case.setdefault(nifti_case_name(path), []).append(path)
+    errors = [CaseError(found[0], f"case '{case}' has {len(found)} files: {', '.join(p.name for p in found)}; "
+                        "keep one") for case, found in by_case.items() if len(found) > 1]
+    return {case: found[0] for case, found in by_case.items() if len(found) == 1}, errors

@@ -26,29 +26,26 @@ from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system, remap
 from aeval.metrics import CLASS_SPACES, score_case, scoring_rules, surfel_area_table
-from aeval.nifti import read_label, spacing_of
+from aeval.nifti import is_nifti, nifti_case_name, nifti_cases, read_label, spacing_of
 from aeval.parallel import EXPECTED_CASE_ERRORS, CaseFailure, failures_of, map_cases
 from aeval.results import CASES_CSV, SUMMARY_JSON, write_scores
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SCORE_ERRORS = (*EXPECTED_CASE_ERRORS, RuntimeError)
 
 
 def case_name(path: str | os.PathLike) -> str:
     """``amos_0013_0000.nii.gz`` → ``amos_0013``."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name[: -len("_0000")] if name.endswith("_0000") else name
+    return nifti_case_name(path)
 
 
-def _nifti_files(folder: Path) -> dict[str, Path]:
+def _nifti_files(folder: Path, log: FailureLog) -> tuple[dict[str, Path], set[str]]:
+    """The folder's NIfTI files by case, and the cases two files claim (one failure line each, left out)."""
     if not folder.is_dir():
         raise CaseError(folder, "folder not found")
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
-    return {case_name(p): p for p in files}
+    files, duplicates = nifti_cases([p for p in folder.iterdir() if is_nifti(p)])
+    for err in duplicates:
+        log.add(err)
+    return files, {nifti_case_name(err.path) for err in duplicates}
 
 
 def score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_system: str, gt_system: str,
@@ -137,12 +134,14 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
     log = FailureLog(printer)
     say = printer or (lambda line: print(line, flush=True))
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    gt_files = _nifti_files(gt_dir)
-    pred_files = _nifti_files(pred_dir)
-    if not gt_files:
+    gt_files, gt_duplicates = _nifti_files(gt_dir, log)
+    pred_files, pred_duplicates = _nifti_files(pred_dir, log)
+    if not gt_files and not gt_duplicates:
         raise CaseError(gt_dir, "no NIfTI files (.nii.gz/.nii)")
     jobs = []
     for case, gt_path in gt_files.items():
+        if case in pred_duplicates:  # its line is printed; not "prediction missing"
+            continue
         if case in pred_files:
             jobs.append((case, pred_files[case], gt_path))
         else:
@@ -166,6 +165,7 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
     summary = {
         "metric": metric, "mode": metric, "classes": classes, **summarize(rows, organs),
         "n_failed": len(log.failures), "failures": list(log.failures),
+        "n_expected": len(gt_files) + len(gt_duplicates),
         "pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "pred_labels": pred_labels, "gt_labels": gt_labels,
         **(dict(extra) if extra else {}),
     }

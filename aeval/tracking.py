@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import socket
+import threading
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "https://api.wandb.ai"
+REACH_TIMEOUT_S = 2.0
 
 
 def wandb_configured() -> bool:
@@ -21,10 +30,40 @@ def wandb_configured() -> bool:
         return False
 
 
+def wandb_reachable(timeout: float = REACH_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the W&B host (``WANDB_BASE_URL``, default api.wandb.ai) opens within
+    ``timeout`` seconds, name lookup included (run in a thread: a resolver without network can hang far longer
+    than a socket timeout)."""
+    url = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST)
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout + 0.5)
+    return bool(outcome and outcome[0])
+
+
 def ensure_wandb_mode() -> str:
-    """Pick offline mode unless the user chose a mode or has credentials; silence every prompt."""
+    """Pick offline mode unless the user chose a mode, or has credentials and the W&B host answers within a
+    couple of seconds (a compute node without network: offline, one warning, no 90 s retry loop in
+    ``wandb.init``); silence every prompt."""
     if "WANDB_MODE" not in os.environ:
-        os.environ["WANDB_MODE"] = "online" if wandb_configured() else "offline"
+        mode = "offline"
+        if wandb_configured():
+            if wandb_reachable():
+                mode = "online"
+            else:
+                log.warning("W&B is configured but %s is unreachable: logging offline (`wandb sync` uploads later)",
+                            os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST)
+        os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
     os.environ.setdefault("WANDB_DISABLE_CODE", "true")

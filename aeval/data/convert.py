@@ -151,7 +151,13 @@ def convert_dataset(spec: DatasetSpec, data_root: Path, *, num_workers: int = 1,
     manifest_path = out_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     todo, done = [], {}
-    for raw in spec.find_cases():
+    found = spec.find_cases()
+    for split in spec.splits:  # a configured split that finds nothing is a wrong layout, not an empty split
+        if not any(raw.split == split for raw in found):
+            problem = f"dataset '{spec.name}': no {split} cases (looked for {spec.describe_split(split)})"
+            failures.add(CaseError(spec.raw_dir, problem))
+            summary.failed.append(f"{spec.raw_dir}: {problem}")
+    for raw in found:
         previous = manifest.get(raw.case)
         image_folder, label_folder = SPLIT_FOLDERS[raw.split]
         outputs_exist = (out_dir / image_folder / f"{raw.case}_0000.nii.gz").exists() and (
