@@ -28,9 +28,10 @@ from aeval.data.datamodule import AEvalDataModule
 from aeval.data.plan import plan_datasets
 from aeval.data.preprocess import preprocess_dataset
 from aeval.keys import RunKey
-from aeval.nifti import write_text_atomic
+from aeval.nifti import remove_stale_temporaries, write_text_atomic
 from aeval.protocols.marginal_loss import module_class
 from aeval.tracking import build_loggers, finish_loggers
+from aeval.validate import check_train_config
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
     Re-running into the same ``run_dir`` resumes from its ``last.ckpt`` (epoch, step, optimizer state and
     learning rate restored); a run already trained to ``trainer.max_epochs`` returns its stored result.
     ``callbacks`` are added to the trainer's (the checkpointing and learning-rate monitor)."""
+    check_train_config(cfg)  # a typo or a bad number: one line now, not after planning and preprocessing
     finished = finished_result(cfg)
     if finished is not None:
         log.info("%s: already trained (%d epochs) in %s", cfg.run_name, finished.epochs, finished.run_dir)
@@ -155,6 +157,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
         torch.set_num_threads(int(cfg.torch_threads))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # config.yaml / result.json temporaries of a killed attempt
     train_sets = list(cfg.train_sets)
     plan, caches = prepare_training_data(train_sets, cfg.paths, OmegaConf.to_container(cfg.plan, resolve=True),
                                          cfg.preprocess_workers)

@@ -26,9 +26,10 @@ from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system, remap
 from aeval.metrics import CLASS_SPACES, score_case, scoring_rules, surfel_area_table
-from aeval.nifti import is_nifti, nifti_case_name, nifti_cases, read_label, spacing_of
+from aeval.nifti import is_nifti, nifti_case_name, nifti_cases, read_label, remove_stale_temporaries, spacing_of
 from aeval.parallel import EXPECTED_CASE_ERRORS, CaseFailure, failures_of, map_cases
 from aeval.results import CASES_CSV, SUMMARY_JSON, write_scores
+from aeval.validate import check_output_folder
 
 SCORE_ERRORS = (*EXPECTED_CASE_ERRORS, RuntimeError)
 
@@ -170,6 +171,7 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
         **(dict(extra) if extra else {}),
     }
     if out_dir is not None:
+        remove_stale_temporaries(out_dir)
         write_scores(out_dir, rows, summary)
         say(f"wrote {Path(out_dir) / CASES_CSV} and {Path(out_dir) / SUMMARY_JSON}")
     return FolderScore(rows, summary, list(log.failures))
@@ -177,6 +179,7 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
 
 def run(cfg: DictConfig) -> int:
     """The CLI's work: score, print the table and the failures, return the exit code."""
+    check_output_folder(cfg.out)
     try:
         result = score_folder(cfg.pred_dir, cfg.gt_dir, cfg.pred_labels, cfg.gt_labels, out_dir=cfg.out,
                               metric=cfg.metric.name, classes=cfg.metric.classes, num_workers=cfg.num_workers,
