@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
@@ -31,21 +31,22 @@ def wandb_configured() -> bool:
 
 
 def wandb_reachable(timeout: float = REACH_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the W&B host (``WANDB_BASE_URL``, default api.wandb.ai) opens within
-    ``timeout`` seconds, name lookup included (run in a thread: a resolver without network can hang far longer
-    than a socket timeout)."""
-    url = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST)
-    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    """Whether the W&B host (``WANDB_BASE_URL``, default api.wandb.ai) answers an HTTP request (any status)
+    within ``timeout`` seconds. Run in a thread and abandoned after the timeout: name lookup on a node without
+    network can hang far longer than a socket timeout."""
+    url = os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST
     outcome: list[bool] = []
 
-    def connect() -> None:
+    def ask() -> None:
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             outcome.append(True)
-        except OSError:
+        except urllib.error.HTTPError:  # an answer, e.g. 401 or 404: the host is there
+            outcome.append(True)
+        except (OSError, ValueError):  # URLError, timeouts, refused, unreachable network, a malformed URL
             outcome.append(False)
 
-    probe = threading.Thread(target=connect, daemon=True)
+    probe = threading.Thread(target=ask, daemon=True)
     probe.start()
     probe.join(timeout + 0.5)
     return bool(outcome and outcome[0])
