@@ -47,7 +47,8 @@ AFFINE = np.diag([1.5, 1.5, 4.0, 1.0])
 
 
 def dataset_config(name: str, raw_root: Path) -> dict:
-    cfg = OmegaConf.merge({"paths": {"raw_root": str(raw_root)}}, {"d": OmegaConf.load(CONF_DIR / "dataset" / f"{name}.yaml")})
+    dataset = OmegaConf.load(CONF_DIR / "dataset" / f"{name}.yaml")
+    cfg = OmegaConf.merge({"paths": {"raw_root": str(raw_root)}}, {"d": dataset})
     return OmegaConf.to_container(cfg, resolve=True)["d"]
 
 
