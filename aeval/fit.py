@@ -10,6 +10,9 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import time
+import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,8 +29,9 @@ from aeval.data.datamodule import AEvalDataModule
 from aeval.data.plan import plan_datasets
 from aeval.data.preprocess import preprocess_dataset
 from aeval.keys import RunKey
-from aeval.nifti import write_text_atomic
+from aeval.nifti import remove_stale_temporaries, write_text_atomic
 from aeval.tracking import build_loggers, finish_loggers
+from aeval.validate import check_train_config
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +80,41 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """``ckpt_path`` when given, else the run folder's ``last.ckpt`` when a previous attempt left one."""
+    """``ckpt_path`` when given, else the newest readable checkpoint a previous attempt left in the run folder
+    (``last.ckpt`` first). An unreadable one (truncated when a job was killed while it was written or copied)
+    is set aside as ``<name>.corrupt-<time>`` with a warning, so a re-run repairs itself; with none left the
+    run starts over."""
     if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ckpt_path not found")
+        return str(path)
+    folder = Path(cfg.run_dir) / "checkpoints"
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime_ns))
+    for candidate in found:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return str(candidate)
+        aside = candidate.with_name(f"{candidate.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        candidate.rename(aside)
+        log.warning("%s: unreadable checkpoint (%s); set aside as %s", candidate, problem, aside.name)
+    if found:
+        log.warning("%s: no readable checkpoint left; training starts over", folder)
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a loadable torch checkpoint, or None. Cheap: checks the zip directory and the
+    pickle entry (CRC), not every tensor, so a 10 GB checkpoint costs no full read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            if not pickles:
+                return "no data.pkl in the archive"
+            archive.read(pickles[0])
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def checkpoint_callbacks(directory: Path, validate: bool) -> tuple[ModelCheckpoint | None, ModelCheckpoint]:
@@ -113,6 +147,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
     Re-running into the same ``run_dir`` resumes from its ``last.ckpt`` (epoch, step, optimizer state and
     learning rate restored); a run already trained to ``trainer.max_epochs`` returns its stored result.
     ``callbacks`` are added to the trainer's (the checkpointing and learning-rate monitor)."""
+    check_train_config(cfg)  # a typo or a bad number: one line now, not after planning and preprocessing
     finished = finished_result(cfg)
     if finished is not None:
         log.info("%s: already trained (%d epochs) in %s", cfg.run_name, finished.epochs, finished.run_dir)
@@ -122,6 +157,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
         torch.set_num_threads(int(cfg.torch_threads))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # config.yaml / result.json temporaries of a killed attempt
     train_sets = list(cfg.train_sets)
     plan, caches = prepare_training_data(train_sets, cfg.paths, OmegaConf.to_container(cfg.plan, resolve=True),
                                          cfg.preprocess_workers)

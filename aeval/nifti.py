@@ -3,8 +3,10 @@ and nothing is ever left half-written (write to a temporary name in the same fol
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,9 @@ import nibabel as nib
 import numpy as np
 
 from aeval.errors import CaseError
+
+log = logging.getLogger(__name__)
+TEMP_MARK = ".tmp"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -86,7 +91,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f"{TEMP_MARK}{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the permissions open() would
@@ -115,3 +120,54 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, older_than: float = 60.0) -> list[Path]:
+    """Delete the hidden temporaries (``.name.XXXX.tmp...``) that :func:`atomic_path` leaves when a process is
+    killed mid-write; a stage calls it on the folders it writes. Files touched in the last ``older_than``
+    seconds are kept: another process may be writing them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cutoff = time.time() - older_than
+    removed = []
+    for path in folder.glob(f".*.*{TEMP_MARK}*"):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # renamed or removed by its writer meanwhile
+            continue
+    if removed:
+        log.warning("%s: removed %d temporary file(s) left by an interrupted run", folder, len(removed))
+    return removed
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    """A NIfTI file by its name, in any letter case (``.NII.GZ`` too); hidden and temporary files are not."""
+    name = Path(path).name
+    return name.lower().endswith(NIFTI_SUFFIXES) and not name.startswith(".")
+
+
+def nifti_case_name(path: str | os.PathLike) -> str:
+    """``amos_0013_0000.nii.gz`` (or ``.NII.GZ``) -> ``amos_0013``: the suffix and nnU-Net's channel dropped."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name[: -len("_0000")] if name.endswith("_0000") else name
+
+
+def nifti_cases(paths: list[Path]) -> tuple[dict[str, Path], list[CaseError]]:
+    """The files by case name, and one error per case that two files claim (``x.nii.gz`` and
+    ``x_0000.nii.gz``): such a case is left out rather than one of the files picked silently."""
+    by_case: dict[str, list[Path]] = {}
+    for path in sorted(paths):
+        by_case.setdefault(nifti_case_name(path), []).append(path)
+    errors = [CaseError(found[0], f"case '{case}' has {len(found)} files: {', '.join(p.name for p in found)}; "
+                        "keep one") for case, found in by_case.items() if len(found) > 1]
+    return {case: found[0] for case, found in by_case.items() if len(found) == 1}, errors

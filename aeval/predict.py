@@ -25,9 +25,10 @@ from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.inference import SlidingWindowPredictor
 from aeval.labels import get_system, remap
+from aeval.models.checks import check_finite, check_fits
 from aeval.models.pretrained import load_pretrained, read_checkpoint
 from aeval.models.stunet import build_stunet
-from aeval.nifti import load_nifti, save_nifti
+from aeval.nifti import is_nifti, load_nifti, nifti_case_name, nifti_cases, save_nifti
 
 # What preprocessing and the predictor read from a plan (an aeval plans.json; see aeval.data.plan).
 PLAN_KEYS = ("hash", "datasets", "target_spacing", "normalization", "patch_size", "pool_op_kernel_sizes")
@@ -70,10 +71,9 @@ def load_model(ckpt_path: str | Path, *, plan: Mapping[str, Any] | str | Path | 
         net = build_stunet(model_cfg["size"], model_cfg.get("in_channels", 1), model_cfg.get("num_classes", 14),
                            pool_op_kernel_sizes=pools)
         weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError as err:
-            raise CaseError(ckpt_path, f"weights do not fit the recorded model ({str(err).splitlines()[0]})") from None
+        check_fits(net.state_dict(), weights, ckpt_path)
+        check_finite(weights, ckpt_path)
+        net.load_state_dict(weights)
         system = label_system or hparams.get("label_space") or "flare22"
         run_key = {k: str(v) for k, v in (hparams.get("run_key") or {}).items()}
         return LoadedModel(net, run_plan, _known_system(system, ckpt_path), run_key)
@@ -101,6 +101,7 @@ def load_model(ckpt_path: str | Path, *, plan: Mapping[str, Any] | str | Path | 
     except ValueError as err:
         raise CaseError(ckpt_path, str(err)) from None
     load_pretrained(net, ckpt_path)
+    check_finite(net.state_dict(), ckpt_path)
     return LoadedModel(net, run_plan, _known_system(label_system or "totalseg_104_alpha", ckpt_path))
 
 
@@ -113,20 +114,24 @@ def _known_system(name: str, source: Path) -> str:
 
 
 def case_name(path: Path) -> str:
-    """``amos_0001_0000.nii.gz`` -> ``amos_0001`` (nnU-Net's channel suffix dropped)."""
-    name = path.name.removesuffix(".gz").removesuffix(".nii")
-    return name[:-5] if name.endswith("_0000") else name
+    """``amos_0001_0000.nii.gz`` (any letter case) -> ``amos_0001`` (nnU-Net's channel suffix dropped)."""
+    return nifti_case_name(path)
 
 
-def list_inputs(source: str | Path) -> list[Path]:
-    """A NIfTI file, or the NIfTI files of a folder (hidden and temporary files left out)."""
+def list_inputs(source: str | Path, failures: FailureLog | None = None) -> list[Path]:
+    """A NIfTI file, or the NIfTI files of a folder (any letter case; hidden and temporary files left out).
+    Two files of one case (``x.nii.gz`` and ``x_0000.nii.gz``) would write one output: that case is a failure
+    line in ``failures`` (raised without one) and left out."""
     source = Path(source)
     if source.is_dir():
-        files = sorted(p for p in source.iterdir()
-                       if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
-        if not files:
+        files, duplicates = nifti_cases([p for p in source.iterdir() if is_nifti(p)])
+        if not files and not duplicates:
             raise CaseError(source, "no NIfTI files (.nii.gz/.nii) in the folder")
-        return files
+        for err in duplicates:
+            if failures is None:
+                raise err
+            failures.add(err)
+        return sorted(files.values())
     if not source.exists():
         raise CaseError(source, "input not found")
     return [source]
@@ -196,7 +201,7 @@ def print_error(line: str) -> None:
 def predict_job(cfg: DictConfig) -> int:
     failures = FailureLog(printer=print_error)
     model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"), label_system=cfg.get("model_labels"))
-    written = predict_files(model, list_inputs(cfg.input), cfg.output, to_system=cfg.get("to_labels"),
+    written = predict_files(model, list_inputs(cfg.input, failures), cfg.output, to_system=cfg.get("to_labels"),
                             inference=OmegaConf.to_container(cfg.inference, resolve=True), failures=failures)
     console.print(f"{len(written)} segmentation(s) written to {cfg.output}; {failures.summary()}",
                   markup=False, highlight=False, soft_wrap=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ def prepare(datasets: Mapping[str, Mapping[str, Any]], data_root: str | Path, *,
     unknown = [n for n in names if n not in datasets]
     if unknown:
         raise KeyError(f"unknown dataset(s) {unknown}; configured: {list(datasets)}")
+    absent = []
     with Progress(console=console, transient=True) as progress:
         for name in names:
             try:
@@ -43,8 +45,12 @@ def prepare(datasets: Mapping[str, Mapping[str, Any]], data_root: str | Path, *,
                 if not missing_ok:
                     failures.add(str(err).split(": ", 1)[1], spec.raw_dir)
                 console.print(f"[yellow]skip {name}[/yellow]: {err}", highlight=False)
+                absent.append(spec.raw_dir)
                 continue
             summaries.append(summary)
+    if names and len(absent) == len(names) and missing_ok:  # a wrong paths.raw_root, not a partial download
+        failures.add(f"none of the datasets {names} found here; set paths.raw_root to the folder holding "
+                     "the downloads", os.path.commonpath(absent))
     return summaries, failures
 
 

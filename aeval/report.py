@@ -36,6 +36,7 @@ from aeval.errors import CaseError
 from aeval.metrics import metric_card
 from aeval.nifti import atomic_path, write_text_atomic
 from aeval.results import read_cells
+from aeval.validate import check_output_folder
 
 DATASET_NAMES = {
     "flare22": "FLARE22", "amos_ct": "AMOS CT", "amos_mr": "AMOS MR", "amos_ct_mr": "AMOS CT+MR",
@@ -107,12 +108,39 @@ def normalize_cells(cells) -> list[dict]:
                         if cell.get(k) is not None})
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"cell {i + 1}: needs train, test, dsc and nsd ({type(err).__name__}: {err})") from None
+        row.update(_counts(cell))
         key = tuple(row[k] for k in ("protocol", "model", "run", "metric", "organ", "train", "test"))
         if key in seen:
             raise ValueError(f"cell {i + 1}: duplicate cell {key}")
         seen.add(key)
         rows.append(row)
     return rows
+
+
+def _counts(cell) -> dict:
+    """``n_cases``/``n_failed``/``n_expected`` of a cell, where known (the results store records them)."""
+    counts = {}
+    for name in ("n_cases", "n_failed", "n_expected"):
+        value = _optional(cell.get(name))
+        if value is not None:
+            counts[name] = int(float(value))
+    return counts
+
+
+def case_count(cell: dict) -> str | None:
+    """``"cases scored/cases expected"`` where the cell records them, e.g. ``"3/4"``."""
+    if "n_cases" not in cell:
+        return None
+    return f"{cell['n_cases']}/{cell.get('n_expected') or cell['n_cases'] + cell.get('n_failed', 0)}"
+
+
+def completeness(cell: dict) -> str | None:
+    """The case count of a cell scored on fewer cases than expected (some failed), None for a complete one."""
+    count = case_count(cell)
+    if count is None:
+        return None
+    scored, expected = (int(n) for n in count.split("/"))
+    return count if scored < expected or cell.get("n_failed") else None
 
 
 def read_cells_csv(path: str | os.PathLike) -> list[dict]:
@@ -224,6 +252,12 @@ class Grid:
     def missing(self) -> list[str]:
         return [f"{self.label(k)} → {display(t)}" for k in self.row_keys for t in self.tests if self.cell(k, t) is None]
 
+    def incomplete(self, keys=None) -> list[str]:
+        """Cells scored on fewer cases than expected, as ``"label → test n = 3/4"``."""
+        keys = self.row_keys if keys is None else keys
+        return [f"{self.label(k)} → {display(t)} n = {c['partial']}" for k in keys for t in self.tests
+                if (c := self.cell(k, t)) is not None and c.get("partial")]
+
 
 def _variants(picked: list[dict]) -> list[str | None]:
     """Runs to report apart: a caller's ``variant`` labels, else the run hashes when one (protocol, train,
@@ -259,7 +293,8 @@ def _grid(metric: str | None, model: str | None, variant: str | None, picked: li
     values: dict = {}
     runs: dict = {}
     for c in picked:
-        values.setdefault((c["protocol"], c["train"]), {})[c["test"]] = {m: c[m] for m in METRICS}
+        values.setdefault((c["protocol"], c["train"]), {})[c["test"]] = {
+            **{m: c[m] for m in METRICS}, "partial": completeness(c), "n": case_count(c)}
         if c.get("run"):
             runs.setdefault((c["protocol"], c["train"]), set()).add(c["run"])
     tests = _order((c["test"] for c in picked), TEST_ORDER)
@@ -296,7 +331,8 @@ def grid_table(grid: Grid) -> TextTable:
                 row.append(stat([key], mean_tests.get(column)))
             else:
                 c = grid.cell(key, column)
-                row.append(_pair(_fmt(c["dsc"]), _fmt(c["nsd"])) if c else "–")
+                text = _pair(_fmt(c["dsc"]), _fmt(c["nsd"])) if c else "–"
+                row.append(f"{text} (n = {c['partial']})" if c and c["partial"] else text)
         rows.append(row)
     for label, keys in grid.row_groups():
         bottom = [label]
@@ -312,6 +348,10 @@ def grid_table(grid: Grid) -> TextTable:
     missing = grid.missing()
     if missing:
         notes.append(f"Missing cells ({len(missing)}, means over the present ones): " + "; ".join(missing))
+    incomplete = grid.incomplete()
+    if incomplete:
+        notes.append(f"Incomplete cells ({len(incomplete)}, scored on the cases that did not fail; re-run them to "
+                     "complete): " + "; ".join(incomplete))
     return TextTable(f"{grid.title} — DSC / NSD (%)", header, rows, notes)
 
 
@@ -325,13 +365,16 @@ def grid_csv_rows(grid: Grid) -> list[dict]:
             c = grid.cell(key, t)
             for m in METRICS:
                 row[f"{t}_{m}"] = round(c[m], 4) if c else ""
+            if c and c["n"]:
+                row[f"{t}_n"] = c["n"]
         for m in METRICS:
             mean, sd = _mean_sd(grid.present(m, [key])) if grid.present(m, [key]) else ("", "")
             row[f"mean_{m}"], row[f"sd_{m}"] = _round(mean), _round(sd)
+        row["incomplete"] = len(grid.incomplete([key]))
         out.append(row)
     for stat_name, index in (("column mean", 0), ("column sd", 1)):
         row = {"metric": grid.metric or "", "model": grid.model or "", "protocol": "", "train": "", "run": "",
-               "label": stat_name}
+               "label": stat_name, "incomplete": len(grid.incomplete()) if index == 0 else ""}
         for t in grid.tests:
             for m in METRICS:
                 values = grid.present(m, tests=[t])
@@ -618,6 +661,7 @@ def metric_section(cells: list[dict]) -> list[str]:
 def run(cfg: DictConfig) -> int:
     """The CLI's work: read the cells, write the report, print it; a bad input is one line and code 2."""
     problems: list[str] = []
+    check_output_folder(cfg.out)
     try:
         cells = read_cells_csv(cfg.cells) if cfg.cells else read_cells(cfg.results, problems)
         if cfg.get("metric"):

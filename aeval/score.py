@@ -15,41 +15,39 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system, remap
 from aeval.metrics import empty_flags, score_case, scoring_rules, surfel_area_table
-from aeval.nifti import read_label, spacing_of
+from aeval.nifti import is_nifti, nifti_case_name, nifti_cases, read_label, remove_stale_temporaries, spacing_of
+from aeval.parallel import EXPECTED_CASE_ERRORS, CaseFailure, failures_of, map_cases
 from aeval.results import CASES_CSV, SUMMARY_JSON, write_scores
+from aeval.validate import check_output_folder
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SCORE_ERRORS = (*EXPECTED_CASE_ERRORS, RuntimeError)
 
 
 def case_name(path: str | os.PathLike) -> str:
     """``amos_0013_0000.nii.gz`` → ``amos_0013``."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name[: -len("_0000")] if name.endswith("_0000") else name
+    return nifti_case_name(path)
 
 
-def _nifti_files(folder: Path) -> dict[str, Path]:
+def _nifti_files(folder: Path, log: FailureLog) -> tuple[dict[str, Path], set[str]]:
+    """The folder's NIfTI files by case, and the cases two files claim (one failure line each, left out)."""
     if not folder.is_dir():
         raise CaseError(folder, "folder not found")
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
-    return {case_name(p): p for p in files}
+    files, duplicates = nifti_cases([p for p in folder.iterdir() if is_nifti(p)])
+    for err in duplicates:
+        log.add(err)
+    return files, {nifti_case_name(err.path) for err in duplicates}
 
 
 def score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_system: str, gt_system: str,
@@ -81,16 +79,10 @@ def _score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_s
     return score_case(pred, gt, spacing_of(gt_img), mode=mode, classes=classes), empty_flags(pred, gt, classes)
 
 
-def _score_job(case: str, pred_path: Path, gt_path: Path, pred_system: str, gt_system: str, mode: str,
-               classes: str) -> tuple[str, dict[str, dict[str, float]] | None, str | None]:
-    """One case in a worker; failures come back as their one-line message."""
-    try:
-        scores, flags = _score_pair(pred_path, gt_path, pred_system, gt_system, mode, classes)
-        return case, {organ: {**values, **flags[organ]} for organ, values in scores.items()}, None
-    except CaseError as err:
-        return case, None, str(err)
-    except (ValueError, OSError, RuntimeError, EOFError) as err:
-        return case, None, str(CaseError(pred_path, f"{type(err).__name__}: {err}"))
+def _score_job(job: tuple[str, Path, Path, str, str, str, str]) -> dict[str, dict[str, float | bool]]:
+    """One case (in a worker): its scores with each organ's empty flags."""
+    scores, flags = _score_pair(*job[1:])
+    return {organ: {**values, **flags[organ]} for organ, values in scores.items()}
 
 
 @dataclass
@@ -157,12 +149,14 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
     log = FailureLog(printer)
     say = printer or (lambda line: print(line, flush=True))
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    gt_files = _nifti_files(gt_dir)
-    pred_files = _nifti_files(pred_dir)
-    if not gt_files:
+    gt_files, gt_duplicates = _nifti_files(gt_dir, log)
+    pred_files, pred_duplicates = _nifti_files(pred_dir, log)
+    if not gt_files and not gt_duplicates:
         raise CaseError(gt_dir, "no NIfTI files (.nii.gz/.nii)")
     jobs = []
     for case, gt_path in gt_files.items():
+        if case in pred_duplicates:  # its line is printed; not "prediction missing"
+            continue
         if case in pred_files:
             jobs.append((case, pred_files[case], gt_path))
         else:
@@ -172,42 +166,26 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
         say(f"[warning] {len(orphans)} prediction(s) without ground truth ignored: {', '.join(orphans[:5])}"
             + (" ..." if len(orphans) > 5 else ""))
 
-    results: dict[str, dict] = {}
-    failed: dict[str, str] = {}
     surfel_area_table((1.0, 1.0, 1.0))  # builds the cached surfel geometry once, before workers fork
-    bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   disable=not progress, transient=True)
-
-    def record(outcome: tuple[str, dict | None, str | None]) -> None:
-        case, scores, error = outcome
-        if error is None:
-            results[case] = scores
-        else:
-            failed[case] = error
-        bar.advance(task)
-
-    with bar:
-        task = bar.add_task("score", total=len(jobs))
-        args = [(case, p, g, pred_labels, gt_labels, metric, classes) for case, p, g in jobs]
-        if num_workers <= 1 or len(jobs) <= 1:
-            for a in args:
-                record(_score_job(*a))
-        else:
-            with ProcessPoolExecutor(max_workers=num_workers) as pool:
-                for future in as_completed([pool.submit(_score_job, *a) for a in args]):
-                    record(future.result())
-    for case in sorted(failed):
-        log.add(failed[case])
+    args = [(case, p, g, pred_labels, gt_labels, metric, classes) for case, p, g in jobs]
+    outcomes = map_cases(_score_job, args, num_workers=num_workers, path_of=lambda job: job[1],
+                         description="scoring", show_progress=progress, expected=SCORE_ERRORS)
+    results = {job[0]: outcome for job, outcome in zip(args, outcomes, strict=True)
+               if not isinstance(outcome, CaseFailure)}
+    for failure in failures_of(outcomes):
+        log.add(failure.as_error())
 
     organs = [rule.organ for rule in scoring_rules(metric, classes)]  # a mode may leave organs out
     rows = [{"case": case, "organ": organ, **results[case][organ]} for case in sorted(results) for organ in organs]
     summary = {
         "metric": metric, "mode": metric, "classes": classes, **summarize(rows, organs),
         "n_failed": len(log.failures), "failures": list(log.failures),
+        "n_expected": len(gt_files) + len(gt_duplicates),
         "pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "pred_labels": pred_labels, "gt_labels": gt_labels,
         **(dict(extra) if extra else {}),
     }
     if out_dir is not None:
+        remove_stale_temporaries(out_dir)
         write_scores(out_dir, rows, summary)
         say(f"wrote {Path(out_dir) / CASES_CSV} and {Path(out_dir) / SUMMARY_JSON}")
     return FolderScore(rows, summary, list(log.failures))
@@ -215,6 +193,7 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
 
 def run(cfg: DictConfig) -> int:
     """The CLI's work: score, print the table and the failures, return the exit code."""
+    check_output_folder(cfg.out)
     try:
         result = score_folder(cfg.pred_dir, cfg.gt_dir, cfg.pred_labels, cfg.gt_labels, out_dir=cfg.out,
                               metric=cfg.metric.name, classes=cfg.metric.classes, num_workers=cfg.num_workers,

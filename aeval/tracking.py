@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "https://api.wandb.ai"
+REACH_TIMEOUT_S = 2.0
 
 
 def wandb_configured() -> bool:
@@ -21,10 +30,41 @@ def wandb_configured() -> bool:
         return False
 
 
+def wandb_reachable(timeout: float = REACH_TIMEOUT_S) -> bool:
+    """Whether the W&B host (``WANDB_BASE_URL``, default api.wandb.ai) answers an HTTP request (any status)
+    within ``timeout`` seconds. Run in a thread and abandoned after the timeout: name lookup on a node without
+    network can hang far longer than a socket timeout."""
+    url = os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST
+    outcome: list[bool] = []
+
+    def ask() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            outcome.append(True)
+        except urllib.error.HTTPError:  # an answer, e.g. 401 or 404: the host is there
+            outcome.append(True)
+        except (OSError, ValueError):  # URLError, timeouts, refused, unreachable network, a malformed URL
+            outcome.append(False)
+
+    probe = threading.Thread(target=ask, daemon=True)
+    probe.start()
+    probe.join(timeout + 0.5)
+    return bool(outcome and outcome[0])
+
+
 def ensure_wandb_mode() -> str:
-    """Pick offline mode unless the user chose a mode or has credentials; silence every prompt."""
+    """Pick offline mode unless the user chose a mode, or has credentials and the W&B host answers within a
+    couple of seconds (a compute node without network: offline, one warning, no 90 s retry loop in
+    ``wandb.init``); silence every prompt."""
     if "WANDB_MODE" not in os.environ:
-        os.environ["WANDB_MODE"] = "online" if wandb_configured() else "offline"
+        mode = "offline"
+        if wandb_configured():
+            if wandb_reachable():
+                mode = "online"
+            else:
+                log.warning("W&B is configured but %s is unreachable: logging offline (`wandb sync` uploads later)",
+                            os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST)
+        os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
     os.environ.setdefault("WANDB_DISABLE_CODE", "true")

@@ -24,7 +24,6 @@ import hashlib
 import json
 import shutil
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +41,12 @@ from aeval.nifti import (
     read_array,
     read_image,
     read_label,
+    remove_stale_temporaries,
     save_nifti,
     spacing_of,
     write_text_atomic,
 )
+from aeval.parallel import CaseFailure, map_cases
 
 SPLIT_FOLDERS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
 MANIFEST = ".converted.json"
@@ -157,14 +158,21 @@ def convert_case(raw: RawCase, spec: DatasetSpec, out_dir: Path) -> ConvertedCas
         except ValueError as err:
             raise CaseError(raw.label, str(err).split(": ", 1)[1]) from None
         present = [int(v) for v in np.unique(labels) if v]
-        label_out = out_dir / label_folder / f"{raw.case}.nii.gz"
-        if spec.layout == "totalseg":
-            save_nifti(labels, image.affine, label_out, header=image.header)
-        elif rewritten:
-            save_nifti(labels.astype(np.uint8), label_img.affine, label_out, header=label_img.header)
-        else:
-            _copy_atomic(raw.label, label_out)
-    _copy_atomic(raw.image, out_dir / image_folder / f"{raw.case}_0000.nii.gz")
+    image_out = out_dir / image_folder / f"{raw.case}_0000.nii.gz"
+    label_out = out_dir / label_folder / f"{raw.case}.nii.gz"
+    try:  # image first, label last: a case is complete or absent (a label alone would look labelled)
+        _copy_atomic(raw.image, image_out)
+        if raw.label is not None:
+            if spec.layout == "totalseg":
+                save_nifti(labels, image.affine, label_out, header=image.header)
+            elif rewritten:
+                save_nifti(labels.astype(np.uint8), label_img.affine, label_out, header=label_img.header)
+            else:
+                _copy_atomic(raw.label, label_out)
+    except BaseException:
+        image_out.unlink(missing_ok=True)
+        label_out.unlink(missing_ok=True)
+        raise
     return ConvertedCase(
         case=raw.case, split=raw.split, spacing=spacing_of(image), shape=tuple(int(s) for s in data.shape),
         orientation="".join(nib.aff2axcodes(image.affine)), labels_present=present, source_key=_source_key(raw),
@@ -180,14 +188,8 @@ def _copy_atomic(source: Path, target: Path) -> None:
         save_nifti(np.asanyarray(img.dataobj), img.affine, target, header=img.header)
 
 
-def _convert_or_error(args: tuple[RawCase, DatasetSpec, Path]) -> ConvertedCase | CaseError:
-    raw, spec, out_dir = args
-    try:
-        return convert_case(raw, spec, out_dir)
-    except CaseError as err:
-        return err
-    except (OSError, ValueError, EOFError) as err:
-        return CaseError(raw.image, f"{type(err).__name__}: {err}")
+def _convert_one(args: tuple[RawCase, DatasetSpec, Path]) -> ConvertedCase:
+    return convert_case(*args)
 
 
 def convert_dataset(spec: DatasetSpec, data_root: Path, *, num_workers: int = 1, failures: FailureLog | None = None,
@@ -199,7 +201,13 @@ def convert_dataset(spec: DatasetSpec, data_root: Path, *, num_workers: int = 1,
     manifest_path = out_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     todo, done = [], {}
-    for raw in spec.find_cases():
+    found = spec.find_cases()
+    for split in spec.splits:  # a configured split that finds nothing is a wrong layout, not an empty split
+        if not any(raw.split == split for raw in found):
+            problem = f"dataset '{spec.name}': no {split} cases (looked for {spec.describe_split(split)})"
+            failures.add(CaseError(spec.raw_dir, problem))
+            summary.failed.append(f"{spec.raw_dir}: {problem}")
+    for raw in found:
         previous = manifest.get(raw.case)
         image_folder, label_folder = SPLIT_FOLDERS[raw.split]
         outputs_exist = (out_dir / image_folder / f"{raw.case}_0000.nii.gz").exists() and (
@@ -210,16 +218,13 @@ def convert_dataset(spec: DatasetSpec, data_root: Path, *, num_workers: int = 1,
             summary.skipped += 1
         else:
             todo.append(raw)
-    task = progress.add_task(f"convert {spec.name}", total=len(todo)) if progress is not None else None
-    jobs = [(raw, spec, out_dir) for raw in todo]
-    if num_workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(num_workers) as pool:
-            results = list(_tick(pool.map(_convert_or_error, jobs), progress, task))
-    else:
-        results = list(_tick(map(_convert_or_error, jobs), progress, task))
+    for folder in ["", *(f for pair in SPLIT_FOLDERS.values() for f in pair)]:
+        remove_stale_temporaries(out_dir / folder)  # left by a run that was killed while writing
+    results = map_cases(_convert_one, [(raw, spec, out_dir) for raw in todo], num_workers=num_workers,
+                        path_of=lambda job: job[0].image, description=f"convert {spec.name}", progress=progress)
     for raw, result in zip(todo, results, strict=True):
-        if isinstance(result, CaseError):
-            failures.add(result)
+        if isinstance(result, CaseFailure):
+            failures.add(result.as_error())
             summary.failed.append(str(result))
             manifest.pop(raw.case, None)
         else:
@@ -229,13 +234,6 @@ def convert_dataset(spec: DatasetSpec, data_root: Path, *, num_workers: int = 1,
         _write_metadata(spec, out_dir, summary)
         write_text_atomic(manifest_path, json.dumps({c.case: c.__dict__ for c in summary.cases}, indent=1))
     return summary
-
-
-def _tick(results, progress, task):
-    for result in results:
-        if progress is not None:
-            progress.advance(task)
-        yield result
 
 
 def _write_metadata(spec: DatasetSpec, out_dir: Path, summary: ConversionSummary) -> None:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from aeval.data.preprocess import (
     to_ras,
     training_cases,
 )
-from aeval.errors import CaseError, FailureLog
+from aeval.errors import FailureLog
 from aeval.labels import FLARE22_ORGANS
 from aeval.nifti import (
     check_same_geometry,
@@ -42,6 +40,7 @@ from aeval.nifti import (
     spacing_of,
     write_text_atomic,
 )
+from aeval.parallel import failures_of, map_cases
 
 PLAN_VERSION = 1
 VOXEL_BUDGET = 128**3          # voxels per patch: STU-Net's 128^3 (the published models' patch)
@@ -97,15 +96,6 @@ def _fingerprint_case(job: tuple[Path, str, str, int, int]) -> tuple[dict[str, A
     return record, samples
 
 
-def _fingerprint_job(job):
-    try:
-        return _fingerprint_case(job)
-    except CaseError as err:
-        return err
-    except (OSError, ValueError, EOFError) as err:
-        return CaseError(case_files(job[0], job[1])[0], f"{type(err).__name__}: {err}")
-
-
 def _intensity_statistics(samples: np.ndarray) -> dict[str, float]:
     return {
         "mean": float(samples.mean(dtype=np.float64)), "std": float(samples.std(dtype=np.float64)),
@@ -137,15 +127,11 @@ def fingerprint_datasets(dataset_dirs: list[Path], *, num_workers: int = 1,
     per_case = max_intensity_samples // labelled_ct if labelled_ct else 0
     jobs = [(d, c, m, per_case, (seed + zlib.crc32(f"{d.name}/{c}".encode())) % 2**32)
             for d, c, m, _, _ in jobs]
-    if num_workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_fingerprint_job, jobs))
-    else:
-        results = [_fingerprint_job(job) for job in jobs]
+    results = map_cases(_fingerprint_case, jobs, num_workers=num_workers, context="spawn",
+                        path_of=lambda job: case_files(job[0], job[1])[0], description="fingerprint")
     failures = FailureLog(printer=lambda _line: None)
-    for result in results:
-        if isinstance(result, CaseError):
-            failures.add(result)
+    for result in failures_of(results):
+        failures.add(result.as_error())
     if failures.failures:
         raise RuntimeError(f"fingerprint: {failures.summary()}")
     samples = [s for _, s in results if s is not None]

@@ -26,11 +26,9 @@ Cache layout (``preprocess_dataset``): ``{case}.npy`` image float32 (1,X,Y,Z), `
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from nibabel import orientations
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from scipy import ndimage
 
 from aeval.errors import CaseError, FailureLog
@@ -51,13 +49,16 @@ from aeval.nifti import (
     load_nifti,
     read_array,
     read_label,
+    remove_stale_temporaries,
     spacing_of,
     write_text_atomic,
 )
+from aeval.parallel import EXPECTED_CASE_ERRORS, CaseFailure, failures_of, map_cases
 
 NUM_CLASSES = len(FLARE22_ORGANS) + 1
 ANISOTROPY_THRESHOLD = 3.0
 CT_BODY_THRESHOLD = -500.0
+CACHE_ERRORS = (*EXPECTED_CASE_ERRORS, RuntimeError)  # torch's resampling raises RuntimeError on odd shapes
 CLASS_LOCATION_SAMPLES = 1000
 CACHE_MANIFEST = "cache.json"
 _RAS = orientations.axcodes2ornt("RAS")
@@ -526,16 +527,10 @@ def load_or_rebuild_case(cache_dir: Path, case: str, plan: dict[str, Any]) -> di
     return cache_case(Path(manifest["dataset_dir"]), case, plan, cache_dir, dataset)
 
 
-def _cache_job(job: tuple[Path, str, dict, Path, dict]) -> tuple[str, str | None]:
+def _cache_job(job: tuple[Path, str, dict, Path, dict]) -> str:
     dataset_dir, case, plan, cache_dir, dataset = job
-    try:
-        cache_case(dataset_dir, case, plan, cache_dir, dataset)
-        return case, None
-    except CaseError as err:
-        return case, str(err)
-    except (OSError, ValueError, RuntimeError, EOFError) as err:
-        image = dataset_dir / "imagesTr" / f"{case}_0000.nii.gz"
-        return case, str(CaseError(image, f"{type(err).__name__}: {err}"))
+    cache_case(dataset_dir, case, plan, cache_dir, dataset)
+    return case
 
 
 def training_cases(dataset_dir: Path) -> list[str]:
@@ -569,25 +564,13 @@ def preprocess_dataset(dataset_dir: str | os.PathLike, plan_path: str | os.PathL
         if cached_properties(cache_dir, case, plan["hash"], sources) is None:
             todo.append(case)
     jobs = [(dataset_dir, case, plan, cache_dir, dataset_info) for case in todo]
-    own_progress = progress is None and bool(jobs)
-    if own_progress:
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), transient=True)
-        progress.start()
-    try:
-        task = progress.add_task(f"preprocess {dataset['name']}", total=len(jobs)) if jobs else None
-        if num_workers > 1 and len(jobs) > 1:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=context,
-                                     initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                results = list(_advance(pool.map(_cache_job, jobs), progress, task))
-        else:
-            results = list(_advance(map(_cache_job, jobs), progress, task))
-    finally:
-        if own_progress:
-            progress.stop()
-    errors = [message for _, message in results if message]
-    failed = {case for case, message in results if message}
+    remove_stale_temporaries(cache_dir)  # left by a run that was killed while writing
+    results = map_cases(_cache_job, jobs, num_workers=num_workers, context="spawn",
+                        initializer=torch.set_num_threads, initargs=(1,), expected=CACHE_ERRORS,
+                        path_of=lambda job: case_files(job[0], job[1])[0], description=f"preprocess {dataset['name']}",
+                        progress=progress)
+    errors = [str(failure) for failure in failures_of(results)]
+    failed = {job[1] for job, result in zip(jobs, results, strict=True) if isinstance(result, CaseFailure)}
     done = [case for case in cases if case not in failed]
     labelled = [case for case in done if case_files(dataset_dir, case)[1] is not None]
     manifest = {**dataset_info, "dataset_dir": str(dataset_dir.resolve()), "plan_hash": plan["hash"],
@@ -602,10 +585,3 @@ def preprocess_dataset(dataset_dir: str | os.PathLike, plan_path: str | os.PathL
         for message in errors:
             failures.add(message)
     return cache_dir
-
-
-def _advance(results, progress, task):
-    for result in results:
-        if progress is not None and task is not None:
-            progress.advance(task)
-        yield result

@@ -37,7 +37,7 @@ class DatasetSpec:
     layout: str
     label_system: str
     raw_dir: Path
-    splits: dict[str, dict[str, Any]]
+    splits: dict[str, dict[str, Any] | list[dict[str, Any]]]  # a rule, or alternatives: the first that finds images
     case_id: dict[str, Any] | None = None
     meta: str | None = None
     image: str = "ct.nii.gz"  # TotalSegmentator: the image file of a case folder (the MR dataset: mri.nii.gz)
@@ -69,21 +69,39 @@ class DatasetSpec:
                              f"needs label_system word2025; got {split_adrenals!r} with {cfg['label_system']}")
         return cls(
             name=name, modality=cfg["modality"], layout=cfg["layout"], label_system=cfg["label_system"],
-            raw_dir=Path(cfg["raw_dir"]), splits={k: dict(v) for k, v in dict(cfg["splits"]).items()},
+            raw_dir=Path(cfg["raw_dir"]), splits={k: _split_rules(v) for k, v in dict(cfg["splits"]).items()},
             case_id=dict(cfg["case_id"]) if cfg.get("case_id") else None, meta=cfg.get("meta"),
             image=cfg.get("image") or "ct.nii.gz", split_adrenals=split_adrenals,
             extra={k: v for k, v in cfg.items() if k not in known},
         )
 
     def has_labels(self) -> bool:
-        return self.layout == "totalseg" or any(rule.get("labels") for rule in self.splits.values())
+        return self.layout == "totalseg" or any(
+            rule.get("labels") for split in self.splits for rule in self.split_rules(split))
+
+    def split_rules(self, split: str) -> list[dict[str, Any]]:
+        """A split's rule and its alternatives (releases differ: FLARE22's ``Validation/`` is ``Tuning/`` in some)."""
+        rules = self.splits[split]
+        return list(rules) if isinstance(rules, list) else [rules]
 
     def find_cases(self) -> list[RawCase]:
-        """Every case of every split, sorted; raises ``FileNotFoundError`` when the raw folder is missing."""
+        """Every case of every split, sorted; raises ``FileNotFoundError`` when the raw folder is missing.
+        A split with alternatives takes the cases of the first alternative that finds any."""
         if not self.raw_dir.is_dir():
             raise FileNotFoundError(f"{self.raw_dir}: raw folder of dataset '{self.name}' not found")
         finder = self._paired_cases if self.layout == "paired" else self._totalseg_cases
-        return [case for split, rule in self.splits.items() for case in finder(split, rule)]
+        cases = []
+        for split in self.splits:
+            for rule in self.split_rules(split):
+                found = finder(split, rule)
+                if found:
+                    cases += found
+                    break
+        return cases
+
+    def describe_split(self, split: str) -> str:
+        """What a split looks for, for the line that says it found nothing."""
+        return " or ".join(str(rule.get("images") or f"split={rule.get('split')}") for rule in self.split_rules(split))
 
     def _keep(self, case: str) -> bool:
         if not self.case_id:
@@ -138,3 +156,9 @@ def read_meta(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
                             "a split column of another name is set with splits.<split>.column")
         reader.fieldnames = found
         return list(reader)
+
+
+def _split_rules(value: Any) -> dict[str, Any] | list[dict[str, Any]]:
+    if isinstance(value, Mapping):
+        return dict(value)
+    return [dict(rule) for rule in value]
