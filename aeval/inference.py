@@ -120,7 +120,8 @@ class SlidingWindowPredictor:
     ``predictor(image)`` takes a ``(C, X, Y, Z)`` tensor and returns ``(K, X, Y, Z)`` float32 logits on the
     stitching device (CPU, or the GPU when the output fits; ``stitch_device`` forces one). Windows of
     ``patch_size`` overlap by ``overlap`` and are blended with a Gaussian (sigma = patch/8, as nnU-Net);
-    volumes smaller than the patch are zero-padded and cropped back. The model is moved to ``device``
+    volumes smaller than the patch are zero-padded and cropped back. ``importance_map`` replaces MONAI's
+    Gaussian (official nnU-Net models use nnU-Net's own). The model is moved to ``device``
     (default: CUDA if available) and run in eval mode with deep supervision off; both are restored after.
     """
 
@@ -128,7 +129,7 @@ class SlidingWindowPredictor:
                  mirror_axes: Sequence[int] = (0, 1, 2), precision: str = "auto",
                  device: torch.device | str | None = None, sw_batch_size: int = 1,
                  stitch_device: str = "auto", network_batch_size: int | None = None,
-                 in_channels: int | None = None):
+                 in_channels: int | None = None, importance_map: torch.Tensor | None = None):
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints, got {tuple(patch_size)}")
         if not 0 <= overlap < 1:
@@ -150,8 +151,11 @@ class SlidingWindowPredictor:
         self.stitch_device = stitch_device
         self.in_channels = in_channels if in_channels is not None else infer_in_channels(model)
         self.window_predictor = MirroredNetwork(self.model, self.flips, self.precision, network_batch_size)
-        self.importance_map = compute_importance_map(self.patch_size, mode="gaussian", sigma_scale=0.125,
-                                                     device=self.device, dtype=torch.float32)
+        if importance_map is not None and tuple(importance_map.shape) != self.patch_size:
+            raise ValueError(f"importance_map has shape {tuple(importance_map.shape)}, the patch is {self.patch_size}")
+        self.importance_map = (importance_map.to(self.device, torch.float32) if importance_map is not None else
+                               compute_importance_map(self.patch_size, mode="gaussian", sigma_scale=0.125,
+                                                      device=self.device, dtype=torch.float32))
         self._num_classes: int | None = None
 
     def _check_image(self, image: torch.Tensor) -> torch.Tensor:
