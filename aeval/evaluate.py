@@ -129,7 +129,8 @@ def checkpoint_key(model: LoadedModel, overrides: Mapping[str, str | None], sour
 def main(cfg: DictConfig) -> None:
     try:
         model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"),
-                           label_system=cfg.get("model_labels"))
+                           label_system=cfg.get("model_labels"), configuration=cfg.get("configuration"),
+                           reorient=cfg.get("reorient"))
         key = checkpoint_key(model, {"protocol": cfg.protocol_name, "train": cfg.train_name,
                                      "model": cfg.model_name}, cfg.ckpt_path)
     except (CaseError, ValueError) as err:

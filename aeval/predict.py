@@ -170,8 +170,8 @@ def make_predictor(model: LoadedModel, inference: Mapping[str, Any] | None = Non
     if unknown:
         raise ValueError(f"unknown inference setting(s) {', '.join(unknown)}; known: {', '.join(INFERENCE_SETTINGS)}")
     settings["mirror_axes"] = tuple(settings["mirror_axes"] or ())
-    if model.convention == "nnunet":  # nnU-Net's Gaussian (scipy's sampled kernel) blends the windows
-        settings["importance_map"] = nnunet_gaussian(model.plan["patch_size"])
+    if model.convention == "nnunet":  # nnU-Net's window positions and Gaussian: the windows nnU-Net blends
+        settings.update(importance_map=nnunet_gaussian(model.plan["patch_size"]), tiling="nnunet")
     return SlidingWindowPredictor(model.net, model.plan["patch_size"], **settings)
 
 

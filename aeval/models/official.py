@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aeval.data.nnunet_plans import DEFAULT_CONFIGURATION, REORIENT_MODES, read_nnunet_plan
+from aeval.data.nnunet_plans import DEFAULT_CONFIGURATION, REORIENT_MODES, is_nnunet_plan, read_nnunet_plan
 from aeval.models.pretrained import DEFAULT_PREFIXES, load_pretrained, read_checkpoint
 from aeval.models.stunet import STUNET_SIZES, build_stunet
 from aeval.nifti import CaseError
@@ -79,7 +79,7 @@ def default_plan_path(ckpt_path: Path) -> Path | None:
     """v1: ``model_final_checkpoint.model.pkl`` beside the ``.model``; v2: ``plans.json`` of the model folder."""
     for candidate in (ckpt_path.with_name(ckpt_path.name + ".pkl"), ckpt_path.parent.parent / "plans.json",
                       ckpt_path.parent / "plans.json"):
-        if candidate.is_file():
+        if candidate.is_file() and is_nnunet_plan(candidate):
             return candidate
     return None
 
@@ -99,7 +99,8 @@ def load_official(ckpt_path: str | Path, plan: Mapping[str, Any] | str | Path | 
     if plan is None:
         plan = default_plan_path(ckpt_path)
         if plan is None:
-            raise CaseError(ckpt_path, "an official checkpoint needs plan=<plans.json | plans.pkl | *.model.pkl>")
+            raise CaseError(ckpt_path, "not an aeval checkpoint; an official checkpoint needs plan=<nnU-Net plans.json "
+                            "| plans.pkl | *.model.pkl> (or an aeval plans.json and size=<s|b|l|h>)")
     plan_dict = read_nnunet_plan(plan, configuration=configuration or DEFAULT_CONFIGURATION,
                                  dataset_json=dataset_json, checkpoint=checkpoint if isinstance(checkpoint, Mapping)
                                  else None)
