@@ -1,6 +1,9 @@
 """Score a folder of predictions against ground truth: ``python -m aeval.score pred_dir=… gt_dir=…``.
 
-Files are paired by case name (file name without ``.nii.gz``/``.nii`` and a trailing ``_0000``); both
+Files are paired by case name (file name without ``.nii.gz``/``.nii`` and a trailing ``_0000``). A prediction
+may also be TotalSegmentator's default output, a folder ``<case>/`` of per-structure masks
+``<structure>.nii.gz``: it is merged in ``pred_labels``' id order as the converter merges TotalSegmentator
+masks (absent structures count as empty). Both
 sides are remapped by organ name to the evaluation classes (8 A-Eval organs by default), spacing comes
 from the ground truth's header, and every case is scored by :func:`aeval.metrics.score_case`. Writes
 ``cases.csv`` (case, organ, dsc, nsd) and ``summary.json`` (per-organ means, the overall mean over all
@@ -29,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from aeval.data.convert import merge_totalseg
 from aeval.labels import get_system, remap
 from aeval.metrics import CLASS_SPACES, score_case, scoring_rules, surfel_area_table
 from aeval.nifti import CaseError, FailureLog, read_label, spacing_of, write_text_atomic
@@ -48,11 +52,16 @@ def case_name(path: str | os.PathLike) -> str:
     return name[: -len("_0000")] if name.endswith("_0000") else name
 
 
-def _nifti_files(folder: Path) -> dict[str, Path]:
+def _nifti_files(folder: Path, mask_folders: bool = False) -> dict[str, Path]:
     if not folder.is_dir():
         raise CaseError(folder, "folder not found")
     files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
-    return {case_name(p): p for p in files}
+    found = {case_name(p): p for p in files}
+    subfolders = folder.iterdir() if mask_folders else ()
+    for sub in sorted(p for p in subfolders if p.is_dir() and not p.name.startswith(".")):
+        if case_name(sub) not in found and any(sub.glob("*.nii.gz")):  # TotalSegmentator: <case>/<structure>.nii.gz
+            found[case_name(sub)] = sub
+    return found
 
 
 def score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_system: str, gt_system: str,
@@ -62,7 +71,10 @@ def score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_sy
     Raises :class:`CaseError` naming the file for unreadable files, labels outside their system, and a
     prediction whose shape or affine (1e-3 mm) differs from the ground truth's."""
     gt, gt_img = read_label(gt_path)
-    pred, pred_img = read_label(pred_path)
+    if Path(pred_path).is_dir():
+        pred, pred_img = merge_totalseg(Path(pred_path), gt_img, pred_system, missing_ok=True), gt_img
+    else:
+        pred, pred_img = read_label(pred_path)
     if pred.shape != gt.shape:
         raise CaseError(pred_path, f"shape {pred.shape} does not match ground truth shape {gt.shape} ({gt_path})")
     if not np.allclose(pred_img.affine, gt_img.affine, atol=1e-3):
@@ -162,7 +174,7 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
     say = printer or (lambda line: print(line, flush=True))
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     gt_files = _nifti_files(gt_dir)
-    pred_files = _nifti_files(pred_dir)
+    pred_files = _nifti_files(pred_dir, mask_folders=True)
     if not gt_files:
         raise CaseError(gt_dir, "no NIfTI files (.nii.gz/.nii)")
     jobs = []
