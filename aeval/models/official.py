@@ -119,7 +119,7 @@ def load_official(ckpt_path: str | Path, plan: Mapping[str, Any] | str | Path | 
         net = build_stunet(size, in_channels, num_classes, pool_op_kernel_sizes=plan_dict["pool_op_kernel_sizes"])
     except ValueError as err:
         raise CaseError(ckpt_path, str(err)) from None
-    load_pretrained(net, ckpt_path)
+    load_pretrained(net, ckpt_path, for_training=False)
     plan_dict.update(reorient=reorient, size=size, num_classes=num_classes, trainer_name=trainer,
                      inference_allowed_mirroring_axes=list(mirror) if mirror is not None else None)
     log.info("%s: STU-Net %s, nnU-Net v%d plan %s (%s), patch %s, spacing %s", ckpt_path, size,
