@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,nnunet]' torch==2.13.0
+	# PyPI's torchvision is built for CUDA torch ("operator torchvision::nms does not exist" on the CPU wheel);
+	# nnU-Net's predictor and planner do not need it, timm (pulled by dynamic-network-architectures) stays unimported
+	$(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 demo: setup

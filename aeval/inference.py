@@ -9,6 +9,7 @@ choice of where the full-volume logits are stitched (the compute GPU, or host me
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -20,6 +21,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 PRECISIONS = ("auto", "bf16", "fp32")
+TILINGS = ("monai", "nnunet")
 STITCH_DEVICES = ("auto", "cpu", "cuda")
 # Stitch on the GPU only while the output and count map take at most this share of the free GPU memory.
 GPU_STITCH_SHARE = 0.5
@@ -103,6 +105,17 @@ class MirroredNetwork:
         return summed.div_(len(self.flips))
 
 
+def nnunet_steps(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> list[list[int]]:
+    """nnU-Net's window starts per axis: as few windows as a step of ``step`` x patch allows, spread evenly
+    (MONAI instead steps by the full interval and clamps the last window to the border)."""
+    steps = []
+    for size, patch in zip(image_size, patch_size, strict=True):
+        count = int(math.ceil((size - patch) / (patch * step))) + 1
+        stride = (size - patch) / (count - 1) if count > 1 else 0
+        steps.append([int(round(stride * i)) for i in range(count)])
+    return steps
+
+
 def infer_in_channels(model: nn.Module) -> int | None:
     """The channel count the network expects: its ``in_channels`` attribute or that of its first conv."""
     value = getattr(model, "in_channels", None)
@@ -120,7 +133,9 @@ class SlidingWindowPredictor:
     ``predictor(image)`` takes a ``(C, X, Y, Z)`` tensor and returns ``(K, X, Y, Z)`` float32 logits on the
     stitching device (CPU, or the GPU when the output fits; ``stitch_device`` forces one). Windows of
     ``patch_size`` overlap by ``overlap`` and are blended with a Gaussian (sigma = patch/8, as nnU-Net);
-    volumes smaller than the patch are zero-padded and cropped back. The model is moved to ``device``
+    volumes smaller than the patch are zero-padded and cropped back. ``importance_map`` replaces MONAI's
+    Gaussian and ``tiling="nnunet"`` places the windows where nnU-Net does (:func:`nnunet_steps`), so official
+    nnU-Net models blend exactly the windows nnU-Net blends. The model is moved to ``device``
     (default: CUDA if available) and run in eval mode with deep supervision off; both are restored after.
     """
 
@@ -128,13 +143,16 @@ class SlidingWindowPredictor:
                  mirror_axes: Sequence[int] = (0, 1, 2), precision: str = "auto",
                  device: torch.device | str | None = None, sw_batch_size: int = 1,
                  stitch_device: str = "auto", network_batch_size: int | None = None,
-                 in_channels: int | None = None):
+                 in_channels: int | None = None, importance_map: torch.Tensor | None = None,
+                 tiling: str = "monai"):
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints, got {tuple(patch_size)}")
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         if stitch_device not in STITCH_DEVICES:
             raise ValueError(f"stitch_device must be one of {STITCH_DEVICES}, got {stitch_device!r}")
+        if tiling not in TILINGS:
+            raise ValueError(f"tiling must be one of {TILINGS}, got {tiling!r}")
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
         self.device = torch.device(device if device is not None else
@@ -148,10 +166,14 @@ class SlidingWindowPredictor:
         self.precision = resolve_precision(precision, self.device)
         self.sw_batch_size = int(sw_batch_size)
         self.stitch_device = stitch_device
+        self.tiling = tiling
         self.in_channels = in_channels if in_channels is not None else infer_in_channels(model)
         self.window_predictor = MirroredNetwork(self.model, self.flips, self.precision, network_batch_size)
-        self.importance_map = compute_importance_map(self.patch_size, mode="gaussian", sigma_scale=0.125,
-                                                     device=self.device, dtype=torch.float32)
+        if importance_map is not None and tuple(importance_map.shape) != self.patch_size:
+            raise ValueError(f"importance_map has shape {tuple(importance_map.shape)}, the patch is {self.patch_size}")
+        self.importance_map = (importance_map.to(self.device, torch.float32) if importance_map is not None else
+                               compute_importance_map(self.patch_size, mode="gaussian", sigma_scale=0.125,
+                                                      device=self.device, dtype=torch.float32))
         self._num_classes: int | None = None
 
     def _check_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -201,6 +223,8 @@ class SlidingWindowPredictor:
             self.model.deep_supervision = False
         try:
             stitch = self.stitch_device_for(image.shape[1:])
+            if self.tiling == "nnunet":
+                return self._nnunet_tiled(image, stitch)
             # Windows computed on a GPU but stitched in host memory: accumulate one slab of windows on the
             # GPU before each copy to the host (MONAI's buffered mode) instead of one copy per window.
             buffered = stitch.type != self.device.type
@@ -216,3 +240,28 @@ class SlidingWindowPredictor:
             self.model.train(was_training)
             if had_deep_supervision:
                 self.model.deep_supervision = previous
+
+    def _nnunet_tiled(self, image: torch.Tensor, stitch: torch.device) -> torch.Tensor:
+        """Zero-pad to the patch (split below/above as nnU-Net and MONAI do), blend the windows at nnU-Net's
+        positions with the importance map (fp32 accumulators), crop the padding off."""
+        shape = image.shape[1:]
+        pads = [max(p - n, 0) for n, p in zip(shape, self.patch_size, strict=True)]
+        below = [d // 2 for d in pads]
+        flat = [x for d, lo in zip(reversed(pads), reversed(below), strict=True) for x in (lo, d - lo)]
+        padded = torch.nn.functional.pad(image, flat).to(stitch)
+        windows = list(itertools.product(*nnunet_steps(padded.shape[1:], self.patch_size, 1 - self.overlap)))
+        weight = self.importance_map.to(stitch)
+        total = torch.zeros(padded.shape[1:], device=stitch)
+        out = None
+        for start in range(0, len(windows), self.sw_batch_size):
+            group = [tuple(slice(s, s + p) for s, p in zip(pos, self.patch_size, strict=True))
+                     for pos in windows[start:start + self.sw_batch_size]]
+            batch = torch.stack([padded[(slice(None), *sl)] for sl in group]).to(self.device)
+            logits = self.window_predictor(batch).to(stitch)
+            if out is None:
+                out = torch.zeros((logits.shape[1], *padded.shape[1:]), device=stitch)
+            for sl, part in zip(group, logits, strict=True):
+                out[(slice(None), *sl)] += part * weight
+                total[sl] += weight
+        out /= total
+        return out[(slice(None), *[slice(lo, lo + n) for lo, n in zip(below, shape, strict=True)])].contiguous()

@@ -188,3 +188,10 @@ def to_flare22(labels: np.ndarray, system: str) -> np.ndarray:
     """Hard FLARE22-space targets: labels with exactly one FLARE22 class keep it, everything else -> 0.
     Use :func:`flare22_sets` for the set-valued (partial-label) targets."""
     return remap(labels, system, "flare22")
+
+
+def match_system(labels: dict[str, int]) -> str | None:
+    """The known system whose id -> name table is exactly ``labels`` (an nnU-Net dataset.json's ``labels``,
+    name -> id, background included or not), or None."""
+    table = {int(i): name for name, i in labels.items() if int(i) != 0}
+    return next((name for name, system in _systems().items() if system.names == table), None)

@@ -20,12 +20,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from aeval.console import console
+from aeval.data.nnunet_plans import is_nnunet_plan
+from aeval.data.nnunet_preprocess import nnunet_gaussian, preprocess_nnunet, restore_nnunet
 from aeval.data.preprocess import preprocess_image, restore_to_original
 from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.inference import SlidingWindowPredictor
-from aeval.labels import get_system, remap
+from aeval.labels import get_system, match_system, remap
 from aeval.models.checks import check_finite, check_fits
+from aeval.models.official import load_official
 from aeval.models.pretrained import load_pretrained, read_checkpoint
 from aeval.models.stunet import build_stunet
 from aeval.nifti import is_nifti, load_nifti, nifti_case_name, nifti_cases, save_nifti
@@ -48,6 +51,11 @@ class LoadedModel:
     label_system: str
     run_key: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def convention(self) -> str:
+        """``aeval`` (RAS, nibabel order, aeval's crop) or ``nnunet`` (official checkpoints: nnU-Net's order)."""
+        return self.plan.get("convention", "aeval")
+
 
 def check_plan(plan: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
     missing = [key for key in PLAN_KEYS if key not in plan]
@@ -58,8 +66,11 @@ def check_plan(plan: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
 
 
 def load_model(ckpt_path: str | Path, *, plan: Mapping[str, Any] | str | Path | None = None,
-               size: str | None = None, label_system: str | None = None) -> LoadedModel:
-    """Our Lightning checkpoint (self-describing), or an official STU-Net one with ``plan`` and ``size``.
+               size: str | None = None, label_system: str | None = None, configuration: str | None = None,
+               reorient: str | None = None) -> LoadedModel:
+    """Our Lightning checkpoint (self-describing); an official STU-Net one with its nnU-Net plan (``plans.json``
+    v2, ``plans.pkl`` / ``*.model.pkl`` v1; found beside the checkpoint when not given), predicted in nnU-Net's
+    convention; or an official one with an aeval ``plans.json`` and ``size`` (aeval's convention).
 
     Errors are :class:`CaseError` lines naming the checkpoint or plan file."""
     ckpt_path = Path(ckpt_path)
@@ -77,9 +88,15 @@ def load_model(ckpt_path: str | Path, *, plan: Mapping[str, Any] | str | Path | 
         system = label_system or hparams.get("label_space") or "flare22"
         run_key = {k: str(v) for k, v in (hparams.get("run_key") or {}).items()}
         return LoadedModel(net, run_plan, _known_system(system, ckpt_path), run_key)
-    if plan is None or size is None:
-        raise CaseError(ckpt_path, "not an aeval checkpoint; an official STU-Net checkpoint needs "
-                        "plan=<plans.json> and size=<s|b|l|h>")
+    if plan is None or is_nnunet_plan(plan):
+        del checkpoint
+        net, nnunet_plan = load_official(ckpt_path, plan, configuration=configuration, size=size,
+                                         reorient=reorient or "none")
+        check_finite(net.state_dict(), ckpt_path)
+        return LoadedModel(net, nnunet_plan, _official_system(label_system, nnunet_plan, ckpt_path))
+    if size is None:
+        raise CaseError(ckpt_path, "not an aeval checkpoint; an official STU-Net checkpoint with an aeval plan "
+                        "needs size=<s|b|l|h>")
     if isinstance(plan, Mapping):
         run_plan = check_plan(plan, "plan")
     else:
@@ -103,6 +120,21 @@ def load_model(ckpt_path: str | Path, *, plan: Mapping[str, Any] | str | Path | 
     load_pretrained(net, ckpt_path)
     check_finite(net.state_dict(), ckpt_path)
     return LoadedModel(net, run_plan, _known_system(label_system or "totalseg_104_alpha", ckpt_path))
+
+
+def _official_system(requested: str | None, plan: Mapping[str, Any], source: Path) -> str:
+    """The label system of an official model: the user's, else the known system its dataset.json labels
+    are, else TotalSegmentator's alphabetical 104 classes (STU-Net's release) when the class count fits."""
+    if requested:
+        return _known_system(requested, source)
+    labels = plan.get("labels") or {}
+    matched = match_system(labels) if plan.get("nnunet_version") == 2 else None
+    if matched:
+        return matched
+    if plan["num_classes"] == get_system("totalseg_104_alpha").max_id + 1:
+        return "totalseg_104_alpha"
+    raise CaseError(source, f"cannot tell the label system of these {plan['num_classes']} classes; set "
+                    "model_labels=<system>")
 
 
 def _known_system(name: str, source: Path) -> str:
@@ -144,6 +176,8 @@ def make_predictor(model: LoadedModel, inference: Mapping[str, Any] | None = Non
     if unknown:
         raise ValueError(f"unknown inference setting(s) {', '.join(unknown)}; known: {', '.join(INFERENCE_SETTINGS)}")
     settings["mirror_axes"] = tuple(settings["mirror_axes"] or ())
+    if model.convention == "nnunet":  # nnU-Net's window positions and Gaussian: the windows nnU-Net blends
+        settings.update(importance_map=nnunet_gaussian(model.plan["patch_size"]), tiling="nnunet")
     return SlidingWindowPredictor(model.net, model.plan["patch_size"], **settings)
 
 
@@ -178,13 +212,17 @@ def predict_file(predictor: SlidingWindowPredictor, model: LoadedModel, path: Pa
     """One image -> uint8 label map in its original shape, affine and header (written atomically)."""
     try:
         img = load_nifti(path)
-        image, properties = preprocess_image(img, model.plan)
+        nnunet = model.convention == "nnunet"
+        if nnunet:
+            image, properties = preprocess_nnunet(img, model.plan, str(path))
+        else:
+            image, properties = preprocess_image(img, model.plan)
         try:
             logits = predictor(torch.from_numpy(image))
         except ValueError as err:
             raise CaseError(path, str(err)) from None
         del image
-        segmentation = restore_to_original(logits, properties)
+        segmentation = restore_nnunet(logits, properties) if nnunet else restore_to_original(logits, properties)
         del logits
     except MemoryError:
         raise CaseError(path, "out of memory (try inference.stitch_device=cpu or fewer mirror_axes)") from None
@@ -200,7 +238,8 @@ def print_error(line: str) -> None:
 
 def predict_job(cfg: DictConfig) -> int:
     failures = FailureLog(printer=print_error)
-    model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"), label_system=cfg.get("model_labels"))
+    model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"), label_system=cfg.get("model_labels"),
+                       configuration=cfg.get("configuration"), reorient=cfg.get("reorient"))
     written = predict_files(model, list_inputs(cfg.input, failures), cfg.output, to_system=cfg.get("to_labels"),
                             inference=OmegaConf.to_container(cfg.inference, resolve=True), failures=failures)
     console.print(f"{len(written)} segmentation(s) written to {cfg.output}; {failures.summary()}",

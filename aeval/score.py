@@ -1,6 +1,9 @@
 """Score a folder of predictions against ground truth: ``python -m aeval.score pred_dir=… gt_dir=…``.
 
-Files are paired by case name (file name without ``.nii.gz``/``.nii`` and a trailing ``_0000``); both
+Files are paired by case name (file name without ``.nii.gz``/``.nii`` and a trailing ``_0000``). A prediction
+may also be TotalSegmentator's default output, a folder ``<case>/`` of per-structure masks
+``<structure>.nii.gz``: it is merged in ``pred_labels``' id order as the converter merges TotalSegmentator
+masks (absent structures count as empty). Both
 sides are remapped by organ name to the evaluation classes (8 A-Eval organs by default), spacing comes
 from the ground truth's header, and every case is scored by :func:`aeval.metrics.score_case`. Writes
 ``cases.csv`` (case, organ, dsc, nsd, and the organ's gt_empty/pred_empty flags) and ``summary.json``
@@ -23,6 +26,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from aeval.data.convert import merge_totalseg
 from aeval.entry import hydra_entry
 from aeval.errors import CaseError, FailureLog
 from aeval.labels import get_system, remap
@@ -40,14 +44,20 @@ def case_name(path: str | os.PathLike) -> str:
     return nifti_case_name(path)
 
 
-def _nifti_files(folder: Path, log: FailureLog) -> tuple[dict[str, Path], set[str]]:
-    """The folder's NIfTI files by case, and the cases two files claim (one failure line each, left out)."""
+def _nifti_files(folder: Path, log: FailureLog, mask_folders: bool = False) -> tuple[dict[str, Path], set[str]]:
+    """The folder's NIfTI files by case, and the cases two files claim (one failure line each, left out). With
+    ``mask_folders``, a subfolder ``<case>/`` of per-structure masks (TotalSegmentator's output) is a case too."""
     if not folder.is_dir():
         raise CaseError(folder, "folder not found")
     files, duplicates = nifti_cases([p for p in folder.iterdir() if is_nifti(p)])
     for err in duplicates:
         log.add(err)
-    return files, {nifti_case_name(err.path) for err in duplicates}
+    claimed = {nifti_case_name(err.path) for err in duplicates}
+    subfolders = folder.iterdir() if mask_folders else ()
+    for sub in sorted(p for p in subfolders if p.is_dir() and not p.name.startswith(".")):
+        if sub.name not in files and sub.name not in claimed and any(p for p in sub.iterdir() if is_nifti(p)):
+            files[sub.name] = sub
+    return files, claimed
 
 
 def score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_system: str, gt_system: str,
@@ -63,7 +73,10 @@ def _score_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, pred_s
                 mode: str, classes: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, bool]]]:
     """:func:`score_pair` plus the organs' empty flags (:func:`aeval.metrics.empty_flags`)."""
     gt, gt_img = read_label(gt_path)
-    pred, pred_img = read_label(pred_path)
+    if Path(pred_path).is_dir():
+        pred, pred_img = merge_totalseg(Path(pred_path), gt_img, pred_system, missing_ok=True), gt_img
+    else:
+        pred, pred_img = read_label(pred_path)
     if pred.shape != gt.shape:
         raise CaseError(pred_path, f"shape {pred.shape} does not match ground truth shape {gt.shape} ({gt_path})")
     if not np.allclose(pred_img.affine, gt_img.affine, atol=1e-3):
@@ -150,7 +163,7 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
     say = printer or (lambda line: print(line, flush=True))
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     gt_files, gt_duplicates = _nifti_files(gt_dir, log)
-    pred_files, pred_duplicates = _nifti_files(pred_dir, log)
+    pred_files, pred_duplicates = _nifti_files(pred_dir, log, mask_folders=True)
     if not gt_files and not gt_duplicates:
         raise CaseError(gt_dir, "no NIfTI files (.nii.gz/.nii)")
     jobs = []

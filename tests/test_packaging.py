@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VERBS = ("prepare", "train", "evaluate", "predict", "score", "report", "grid")
+VERBS = ("prepare", "train", "evaluate", "predict", "score", "report", "grid", "export")
 
 
 @pytest.fixture(scope="module")

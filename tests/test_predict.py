@@ -200,11 +200,16 @@ def test_official_stunet_checkpoint_loads_and_predicts_remapped_labels(tmp_path)
         net.seg_outputs[-1].bias[40] = 1e4  # full-resolution head: totalseg_104_alpha 40 = liver wins
     weights = {"module." + k: v for k, v in net.state_dict().items()}  # as saved from a DDP run
     torch.save({"network_weights": weights, "trainer_name": "STUNetTrainer"}, tmp_path / "checkpoint_final.pth")
-    with pytest.raises(CaseError, match="plan=<plans.json> and size"):
+    with pytest.raises(CaseError, match="needs plan=<nnU-Net plans.json"):  # the aeval plans.json beside it
         load_model(tmp_path / "checkpoint_final.pth")
+    with pytest.raises(CaseError, match="aeval plan needs size="):
+        load_model(tmp_path / "checkpoint_final.pth", plan=tmp_path / "plans.json")
     (tmp_path / "nnunet_plans.json").write_text(json.dumps({"configurations": {}}))
+    with pytest.raises(CaseError, match="no configuration '3d_fullres'"):  # nnU-Net plans: nnU-Net's convention
+        load_model(tmp_path / "checkpoint_final.pth", plan=tmp_path / "nnunet_plans.json")
+    (tmp_path / "other_plans.json").write_text(json.dumps({"hash": "x"}))
     with pytest.raises(CaseError, match="not an aeval plan"):
-        load_model(tmp_path / "checkpoint_final.pth", plan=tmp_path / "nnunet_plans.json", size="tiny")
+        load_model(tmp_path / "checkpoint_final.pth", plan=tmp_path / "other_plans.json", size="tiny")
 
     loaded = load_model(tmp_path / "checkpoint_final.pth", plan=tmp_path / "plans.json", size="tiny")
 

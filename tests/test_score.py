@@ -198,3 +198,30 @@ def test_unknown_systems_and_modes_fail_before_scoring(folders):
         score_folder(pred_dir, gt_dir, "amoss", "flare22", progress=False)
     with pytest.raises(ValueError, match="unknown metric mode"):
         score_folder(pred_dir, gt_dir, "amos", "flare22", metric="dice", progress=False)
+
+
+def test_totalsegmentator_mask_folders_score_like_their_multilabel_file(tmp_path):
+    """TotalSegmentator's default output (``<case>/<structure>.nii.gz``) is merged and scored like the ``--ml``
+    file; absent structures are empty; a mask whose geometry differs is one line naming it."""
+    gt_dir, folder_dir, ml_dir = tmp_path / "gt", tmp_path / "masks", tmp_path / "ml"
+    for d in (gt_dir, folder_dir, ml_dir):
+        d.mkdir()
+    for i in range(2):
+        gt = _anatomy(i)
+        _save(gt, gt_dir / f"case_{i}.nii.gz")
+        pred = _in_system(np.roll(_anatomy(i), 1, axis=2), "totalseg_v2")
+        _save(pred, ml_dir / f"case_{i}.nii.gz")
+        masks = folder_dir / f"case_{i}"
+        masks.mkdir()
+        for label_id in np.unique(pred)[1:]:
+            _save((pred == label_id).astype(np.uint8), masks / f"{get_system('totalseg_v2').names[label_id]}.nii.gz")
+    _save(np.zeros((36, 32, 20), np.uint8), folder_dir / "case_0" / "urinary_bladder.nii.gz")  # an empty one
+    from_folders = score_folder(folder_dir, gt_dir, "totalseg_v2", "flare22", progress=False)
+    from_files = score_folder(ml_dir, gt_dir, "totalseg_v2", "flare22", progress=False)
+    assert not from_folders.failures and from_folders.summary["n_cases"] == 2
+    assert from_folders.rows == from_files.rows
+    assert 0.3 < from_folders.summary["mean_dsc"] < 1
+
+    _save(np.zeros((36, 32, 21), np.uint8), folder_dir / "case_1" / "liver.nii.gz")
+    broken = score_folder(folder_dir, gt_dir, "totalseg_v2", "flare22", progress=False)
+    assert len(broken.failures) == 1 and "case_1/liver.nii.gz: shape" in broken.failures[0]

@@ -350,3 +350,15 @@ def test_cpu_speed_measure():
     assert row["s_per_step"] > 0 and row["peak_rss_mib"] > 0
     assert row["estimate_mib"] == pytest.approx(
         forward_cost(build_stunet("tiny", 1, 3), (64, 64, 64), 1)["activation_bytes"] / 2**20)
+
+
+def test_nnunet_weights_for_fine_tuning_warn_that_axes_are_not_converted(tmp_path, caplog):
+    net = build_stunet("tiny", 1, 14)
+    torch.save({"network_weights": net.state_dict()}, tmp_path / "checkpoint_final.pth")
+    with caplog.at_level(logging.WARNING, logger="aeval.models.pretrained"):
+        load_pretrained(build_stunet("tiny", 1, 14), tmp_path / "checkpoint_final.pth")
+    assert "not converted" in caplog.text and "nnU-Net's axis order" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aeval.models.pretrained"):
+        load_pretrained(build_stunet("tiny", 1, 14), tmp_path / "checkpoint_final.pth", for_training=False)
+    assert "not converted" not in caplog.text

@@ -88,13 +88,20 @@ def _source_key(raw: RawCase) -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
-def _merge_totalseg(folder: Path, reference: nib.Nifti1Image, system: str) -> np.ndarray:
-    """One label map from ``segmentations/<name>.nii.gz`` masks, in the class map's id order."""
+def merge_totalseg(folder: Path, reference: nib.Nifti1Image, system: str, *, missing_ok: bool = False) -> np.ndarray:
+    """One label map from ``segmentations/<name>.nii.gz`` masks, in the class map's id order (later ids
+    overwrite earlier ones). ``missing_ok`` treats an absent mask as empty (TotalSegmentator's ``--roi_subset``
+    output), but a folder without any of the system's masks is still an error."""
     if not folder.is_dir():
         raise CaseError(folder, "segmentations folder not found")
     merged = np.zeros(reference.shape, dtype=np.uint8)
-    for label_id, name in sorted(get_system(system).names.items()):
+    names = sorted(get_system(system).names.items())
+    if missing_ok and not any((folder / f"{name}.nii.gz").exists() for _, name in names):
+        raise CaseError(folder, f"no mask of label system {system} (<structure>.nii.gz) in the folder")
+    for label_id, name in names:
         path = folder / f"{name}.nii.gz"
+        if missing_ok and not path.exists():
+            continue
         mask_img = load_nifti(path)
         check_same_geometry(reference, mask_img, path)
         merged[read_array(mask_img, path) > 0] = label_id
@@ -145,7 +152,7 @@ def convert_case(raw: RawCase, spec: DatasetSpec, out_dir: Path) -> ConvertedCas
     present: list[int] = []
     if raw.label is not None:
         if spec.layout == "totalseg":
-            labels = _merge_totalseg(raw.label, image, spec.label_system)
+            labels = merge_totalseg(raw.label, image, spec.label_system)
         else:
             labels, label_img = read_label(raw.label)
             check_same_geometry(image, label_img, raw.label)

@@ -8,7 +8,11 @@ Rules, as the STU-Net fine-tuning scripts apply them, plus two conveniences:
 - when the model has k times the file's input channels, the input convolutions' weights are tiled k times
   along the channel axis and divided by k: an input whose channels all equal the one channel the
   pretrained network saw then gives exactly the pretrained first-layer response;
-- every other missing, unexpected or differently shaped tensor is refused, with all of them listed.
+- every other missing, unexpected or differently shaped tensor is refused, with all of them listed;
+- nnU-Net checkpoints (v1 ``.model``, v2 ``.pth``) are loaded as they are, with a logged warning: their
+  networks saw nnU-Net's axis order ((z, y, x) of the stored orientation, after the plan's transpose) while
+  aeval fine-tunes in its own (RAS, nibabel (x, y, z)); the weights are not permuted. For inference in the
+  official convention use ``aeval.predict`` with the model's nnU-Net plan.
 
 Files are read with ``torch.load(weights_only=True)``. nnU-Net checkpoints also hold numpy scalars and
 arrays in their training logs; those numpy types (and only those) are allowlisted. Anything else
@@ -58,12 +62,16 @@ class LoadReport:
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, *, trusted: bool = False,
-                    strip_prefixes: Sequence[str] = DEFAULT_PREFIXES) -> LoadReport:
-    """Copy the weights in ``path`` into ``model`` (in place) under the rules in the module docstring."""
+                    strip_prefixes: Sequence[str] = DEFAULT_PREFIXES, for_training: bool = True) -> LoadReport:
+    """Copy the weights in ``path`` into ``model`` (in place) under the rules in the module docstring;
+    ``for_training=False`` (inference in nnU-Net's own convention) drops the axis-order warning."""
     path = Path(path)
     target = _unwrap(model)
     weights, source = _extract_weights(read_checkpoint(path, trusted=trusted), path)
     weights = {_strip(k, strip_prefixes): v for k, v in weights.items()}
+    if for_training and source.startswith("an nnU-Net"):
+        log.warning("%s: %s, trained in nnU-Net's axis order; fine-tuning runs in aeval's RAS (x, y, z) order and "
+                    "the weights are not converted", path, source)
     own = target.state_dict()
     report = LoadReport(str(path), source)
 
@@ -154,6 +162,8 @@ def _extract_weights(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], 
         for key, source in (("network_weights", "an nnU-Net v2 checkpoint"),
                             ("state_dict", "an nnU-Net v1 / Lightning checkpoint")):
             if isinstance(obj.get(key), Mapping):
+                if key == "state_dict" and "hyper_parameters" in obj:
+                    source = "a Lightning checkpoint"
                 return dict(obj[key]), source
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return dict(obj), "a plain state dict"

@@ -1,0 +1,217 @@
+"""Official checkpoints through aeval give what nnU-Net 2.8 itself gives (nnunetv2 is the reference, imported
+only here): the preprocessed array (axis order, transposes, crop, resampling incl. separate-z, normalisation),
+the window-blended logits, and the written segmentation, for RAS, LPS and permuted synthetic CTs and the real
+small CT; v1 (.model + .model.pkl / plans.pkl) and v2 (.pth + plans.json) checkpoints both load and predict."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REAL, affine_for, needs_real
+
+pytest.importorskip("nnunetv2", reason="nnU-Net v2 is the reference: pip install -e '.[nnunet]' torch==2.13.0")
+
+from nnunet_reference import (  # noqa: E402
+    dataset_json,
+    nnunet_predict,
+    nnunet_predictor,
+    nnunet_preprocess,
+    tiny_net,
+    v2_plans,
+    write_v1_model,
+    write_v2_model,
+)
+
+from aeval.data.nnunet_plans import read_nnunet_plan  # noqa: E402
+from aeval.data.nnunet_preprocess import preprocess_nnunet  # noqa: E402
+from aeval.data.preprocess import from_ras, ras_transform  # noqa: E402
+from aeval.models.official import SoftmaxOutput  # noqa: E402
+from aeval.nifti import CaseError  # noqa: E402
+from aeval.predict import LoadedModel, load_model, make_predictor, predict_files  # noqa: E402
+
+POOLS = [[2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]]
+PATCH = (16, 16, 16)
+FP32 = {"precision": "fp32"}
+# (axcodes, zooms in array order, shape, target spacing (network order), transpose_forward)
+CASES = {
+    "RAS": ("RAS", (1.0, 1.2, 2.5), (40, 36, 20), (3.0, 2.0, 2.0), (0, 1, 2)),
+    "LPS": ("LPS", (1.0, 1.2, 2.5), (40, 36, 20), (3.0, 2.0, 2.0), (0, 1, 2)),
+    "permuted": ("SPL", (2.5, 1.2, 1.0), (20, 36, 40), (3.0, 2.0, 2.0), (2, 0, 1)),
+    "separate_z": ("LPS", (0.8, 0.8, 4.0), (48, 48, 10), (3.0, 2.0, 2.0), (0, 1, 2)),
+}
+
+
+def synthetic_ct(shape, seed=0, border=0) -> np.ndarray:
+    """A body (soft tissue + noise) in air with two brighter organs; ``border`` voxels of zeros around it."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    image = np.full(shape, -1000.0)
+    body = grid[0] ** 2 + grid[1] ** 2 < 0.8
+    image[body] = 40 + rng.normal(0, 20, body.sum())
+    image[(grid[0] - 0.3) ** 2 + (grid[1] + 0.2) ** 2 + grid[2] ** 2 < 0.15] += 120
+    image[(grid[0] + 0.3) ** 2 + (grid[1] - 0.1) ** 2 + (grid[2] - 0.3) ** 2 < 0.08] += 300
+    if border:
+        inner = tuple(slice(border, n - border) for n in shape)
+        framed = np.zeros(shape)
+        framed[inner] = image[inner]
+        image = framed
+    return image.astype(np.int16)
+
+
+def write_case(tmp_path, name):
+    axcodes, zooms, shape, target, transpose = CASES[name]
+    path = tmp_path / f"{name}_0000.nii.gz"
+    nib.save(nib.Nifti1Image(synthetic_ct(shape), affine_for(axcodes, zooms)), path)
+    return path, v2_plans(target, PATCH, POOLS, transpose=transpose)
+
+
+def our_plan(plans, dataset, reorient="none"):
+    return {**read_nnunet_plan(plans, dataset_json=dataset), "reorient": reorient}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_preprocessed_array_equals_nnunets(tmp_path, name):
+    path, plans = write_case(tmp_path, name)
+    reference, properties = nnunet_preprocess(path, plans, dataset_json())
+    mine, ours = preprocess_nnunet(nib.load(path), our_plan(plans, dataset_json()))
+    assert mine.shape == reference.shape
+    np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-5)
+    assert ours["bbox_used_for_cropping"] == [list(b) for b in properties["bbox_used_for_cropping"]]
+
+
+def test_crop_to_nonzero_and_masked_zscore_equal_nnunets(tmp_path):
+    path = tmp_path / "mr_0000.nii.gz"
+    image = synthetic_ct((40, 36, 20), border=4).astype(np.float32) + 1000 * (synthetic_ct((40, 36, 20), border=4) != 0)
+    nib.save(nib.Nifti1Image(image, affine_for("LPS", (1.0, 1.2, 2.5))), path)
+    plans = v2_plans((3.0, 2.0, 2.0), PATCH, POOLS, scheme="ZScoreNormalization", use_mask=True)
+    reference, properties = nnunet_preprocess(path, plans, dataset_json("MR"))
+    mine, ours = preprocess_nnunet(nib.load(path), our_plan(plans, dataset_json("MR")))
+    assert ours["bbox_used_for_cropping"] == [[4, 16], [4, 32], [4, 36]]
+    assert ours["bbox_used_for_cropping"] == [list(b) for b in properties["bbox_used_for_cropping"]]
+    np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+@pytest.mark.parametrize("name", ["RAS", "LPS", "permuted"])
+def test_segmentation_and_softmax_match_nnunet_predictor(tmp_path, monkeypatch, name, mirror):
+    path, plans = write_case(tmp_path, name)
+    net = tiny_net(POOLS)
+    ckpt = write_v2_model(tmp_path / "model", net, plans)
+    inference = {**FP32, "mirror_axes": [0, 1, 2] if mirror else []}
+    seg, _, _ = nnunet_predict(nnunet_predictor(net, plans, dataset_json(), mirror), path)
+    model = load_model(ckpt)
+    written = predict_files(model, [path], tmp_path / "out", inference=inference)
+    ours = np.asarray(nib.load(written[0]).dataobj)
+    assert ours.shape == seg.shape and len(np.unique(seg)) > 1
+    assert (ours == seg).mean() >= 0.999
+
+    # the tilings coincide here (<= 2 windows per axis): with nnU-Net's accumulators in fp32 instead of its
+    # fp16, the blended softmax is the same to float precision
+    monkeypatch.setattr(torch, "half", torch.float32)
+    data, _ = nnunet_preprocess(path, plans, dataset_json())
+    reference = nnunet_predictor(net, plans, dataset_json(), mirror).predict_logits_from_preprocessed_data(
+        torch.from_numpy(data))
+    mine = make_predictor(model, inference)(torch.from_numpy(preprocess_nnunet(nib.load(path), model.plan)[0]))
+    assert (mine.softmax(0) - reference.float().softmax(0)).abs().max() <= 1e-3
+
+
+def test_reorient_ras_matches_nnunet_on_the_canonical_file(tmp_path):
+    """TotalSegmentator's wrapper: as_closest_canonical, then nnU-Net; aeval's reorient=ras writes the same
+    labels in the input's own orientation."""
+    path, plans = write_case(tmp_path, "LPS")
+    img = nib.load(path)
+    canonical = tmp_path / "canonical_0000.nii.gz"
+    nib.save(nib.as_closest_canonical(img), canonical)
+    net = tiny_net(POOLS)
+    seg, _, _ = nnunet_predict(nnunet_predictor(net, plans, dataset_json(), False), canonical)
+    expected = from_ras(seg, ras_transform(img.affine))
+    model = load_model(write_v2_model(tmp_path / "model", net, plans), reorient="ras")
+    ours = np.asarray(nib.load(predict_files(model, [path], tmp_path / "out",
+                                             inference={**FP32, "mirror_axes": []})[0]).dataobj)
+    assert (ours == expected).mean() >= 0.999
+
+
+def test_v1_model_and_pickles_load_and_predict_like_v2(tmp_path):
+    path, plans = write_case(tmp_path, "LPS")
+    net = tiny_net(POOLS)
+    v2 = load_model(write_v2_model(tmp_path / "v2", net, plans))
+    ckpt = write_v1_model(tmp_path / "v1", net, plans)
+    with pytest.raises(CaseError, match="set model_labels="):  # v1 plans name no labels
+        load_model(ckpt)
+    v1 = load_model(ckpt, label_system="flare22")  # the .model.pkl beside it
+    v1_plans = load_model(ckpt, plan=tmp_path / "v1" / "plans.pkl", label_system="flare22")
+    assert isinstance(v1.net, SoftmaxOutput) and v1.plan["nnunet_version"] == 1 and v2.plan["nnunet_version"] == 2
+    for key in ("spacing", "patch_size", "pool_op_kernel_sizes", "normalization", "transpose_forward"):
+        assert v1.plan[key] == v2.plan[key] == v1_plans.plan[key]
+    assert v2.label_system == "flare22"  # its dataset.json labels are FLARE22's table
+    # v1 averaged and resampled softmax probabilities: the wrapped network's output is one
+    probabilities = v1.net(torch.from_numpy(preprocess_nnunet(nib.load(path), v1.plan)[0][None, :, :16, :16, :16]))
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(1, 16, 16, 16))
+    # the same network under the v1 plan, averaging logits, is exactly the v2 path (nnU-Net v2 the reference)
+    reference, _, _ = nnunet_predict(nnunet_predictor(net, plans, dataset_json(), False), path)
+    v1_logits = LoadedModel(v1.net.net, v1.plan, "flare22")
+    outputs = {}
+    for key, model in (("v1", v1), ("v1_logits", v1_logits), ("v2", v2)):
+        written = predict_files(model, [path], tmp_path / key, inference={**FP32, "mirror_axes": []})
+        outputs[key] = np.asarray(nib.load(written[0]).dataobj)
+    np.testing.assert_array_equal(outputs["v1_logits"], outputs["v2"])
+    assert (outputs["v2"] == reference).mean() >= 0.999
+    assert (outputs["v1"] == reference).mean() >= 0.9  # softmax vs logit averaging: a v1 model's own behaviour
+
+
+def test_official_checkpoint_errors_are_one_line(tmp_path):
+    path, plans = write_case(tmp_path, "RAS")
+    ckpt = write_v2_model(tmp_path / "model", tiny_net(POOLS), plans)
+    with pytest.raises(CaseError, match="size=s does not fit the weights"):
+        load_model(ckpt, size="s")
+    with pytest.raises(CaseError, match="no configuration '2d'"):
+        load_model(ckpt, configuration="2d")
+    (tmp_path / "model" / "plans.json").unlink()
+    with pytest.raises(CaseError, match="needs plan="):
+        load_model(ckpt)
+    bad = dict(plans, configurations={"3d_fullres": {**plans["configurations"]["3d_fullres"],
+                                                     "normalization_schemes": ["RGBTo01Normalization"]}})
+    with pytest.raises(CaseError, match="RGBTo01Normalization"):
+        load_model(ckpt, plan=bad)
+
+
+@needs_real
+def test_real_ct_matches_nnunet_predictor(tmp_path):
+    """The small TotalSegmentator CT (3 mm, RAS) resampled to 4.5 mm, several windows per axis at nnU-Net's
+    positions; nnU-Net accumulates in fp16, aeval in fp32: the labels agree on >= 99.9 % of voxels."""
+    path = REAL / "example_ct_sm.nii.gz"
+    plans = v2_plans((4.5, 4.5, 4.5), (16, 32, 32), [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1]])
+    net = tiny_net(plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"][1:])
+    seg, _, _ = nnunet_predict(nnunet_predictor(net, plans, dataset_json(), False), path)
+    model = load_model(write_v2_model(tmp_path / "model", net, plans))
+    ours = np.asarray(nib.load(predict_files(model, [path], tmp_path / "out",
+                                             inference={**FP32, "mirror_axes": []})[0]).dataobj)
+    assert ours.shape == seg.shape and len(np.unique(seg)) > 2
+    assert (ours == seg).mean() >= 0.999
+
+
+def test_predict_cli_with_official_v2_model_folder(tmp_path):
+    """``python -m aeval.predict ckpt_path=<fold_0/checkpoint_final.pth> plan=<plans.json> to_labels=aeval8``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from aeval.labels import remap
+
+    path, plans = write_case(tmp_path, "LPS")
+    net = tiny_net(POOLS)
+    ckpt = write_v2_model(tmp_path / "model", net, plans)
+    seg, _, _ = nnunet_predict(nnunet_predictor(net, plans, dataset_json(), True), path)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "aeval.predict", f"ckpt_path={ckpt}",
+                           f"plan={tmp_path / 'model' / 'plans.json'}", "configuration=3d_fullres",
+                           f"input={path}", f"output={tmp_path / 'out'}", "to_labels=aeval8",
+                           "inference.precision=fp32", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ours = np.asarray(nib.load(tmp_path / "out" / "LPS.nii.gz").dataobj)
+    assert (ours == remap(seg, "flare22", "aeval8")).mean() >= 0.999
