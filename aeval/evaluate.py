@@ -24,7 +24,7 @@ def evaluate_job(cfg: DictConfig) -> int:
     model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"), label_system=cfg.get("model_labels"),
                        configuration=cfg.get("configuration"), reorient=cfg.get("reorient"))
     key = checkpoint_key(model, {"protocol": cfg.protocol_name, "train": cfg.train_name, "model": cfg.model_name,
-                                 "run": cfg.get("run_name")}, cfg.ckpt_path)
+                                 "run": cfg.get("run")}, cfg.ckpt_path)
     failures = FailureLog(printer=log.error)
     result = evaluate(model, list(cfg.test_sets), cfg.paths.data_root, cfg.paths.results_root, key=key,
                       metric=cfg.metric.name, classes=cfg.metric.classes,

@@ -31,7 +31,7 @@ from aeval import stats
 from aeval.errors import CaseError
 from aeval.keys import CellKey
 from aeval.labels import AEVAL10_ORGANS, remap
-from aeval.metrics import CLASS_SPACES
+from aeval.metrics import CLASS_SPACES, parse_metric_key
 from aeval.nifti import atomic_path, write_text_atomic
 from aeval.report import (
     METRICS,
@@ -738,10 +738,6 @@ def rank_figure(study: RankStudy, path: Path) -> Path:
 
 # --- worst-case galleries -----------------------------------------------------------------------------------
 
-def _classes(metric: str) -> str:
-    return metric.split("-", 1)[1] if "-" in metric else "aeval8"
-
-
 def off_diagonal(key: CellKey) -> bool:
     """A cell whose test set is none of its training sets (``joint`` trains on all, so all of its cells)."""
     return key.test not in key.train.split("+")
@@ -833,7 +829,7 @@ def worst_case_gallery(boot: Bootstrap, results_root: str | os.PathLike, data_ro
         except CaseError as err:
             problems.append(str(err))
             continue
-        classes = _classes(key.metric)
+        classes = parse_metric_key(key.metric)[1]
         organs = CLASS_SPACES.get(classes, CLASS_SPACES["aeval8"])
         for case, organ, case_dsc, organ_dsc in worst_cases(boot, cell, k):
             pred_path, image_path, gt_path = _case_files(results_root, data_root, key, case)

@@ -182,8 +182,15 @@ def build_module(cfg: DictConfig, plan: dict[str, Any]) -> L.LightningModule:
     (kept as plain data in the checkpoint; the module instantiates the optimizer and loss from them)."""
     settings = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "optim", "loss")}
     return get_class(cfg.module._target_)(
-        **settings, plan=plan, max_epochs=int(cfg.trainer.max_epochs), run_key=RunKey.of(cfg).as_dict(),
+        **settings, plan=plan, max_epochs=int(cfg.trainer.max_epochs), run_key=run_key_of(cfg),
         channels_last=cfg.get("channels_last", "auto"), poly_exponent=float(cfg.scheduler.poly_exponent))
+
+
+def run_key_of(cfg: DictConfig) -> dict[str, str]:
+    """The key the checkpoint records for its cells: a protocol round's is its protocol's (``run_key``)."""
+    if cfg.get("run_key"):
+        return {k: str(v) for k, v in OmegaConf.to_container(cfg.run_key, resolve=True).items()}
+    return RunKey.of(cfg).as_dict()
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list) -> L.Trainer:

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = ["CellKey", "RunKey", "digest", "model_name", "run_hash", "training_settings"]
 
 RUN_HASH_LENGTH = 8
+# What a protocol config holds besides its settings: its name, where it is tested, how far a run goes.
+PROTOCOL_NOT_HASHED = ("name", "test_sets", "evaluate_every_round", "stop_after_round")
 TRAINING_SETTINGS = ("module", "model", "trainer", "data", "optim", "scheduler", "plan", "seed", "loss", "callbacks")
 # Settings that change how a run is shown, where it runs or how fast it goes, not what it learns.
 # ``trainer.max_steps`` pauses a run (it resumes from last.ckpt), so it is not part of what the run is.
@@ -50,10 +52,20 @@ def training_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def protocol_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """A protocol's settings that change its final model (rounds, pools, thresholds, modality ...)."""
+    protocol = cfg.get("protocol")
+    protocol = OmegaConf.to_container(protocol, resolve=True) if OmegaConf.is_config(protocol) else protocol or {}
+    return {k: v for k, v in protocol.items() if k not in PROTOCOL_NOT_HASHED}
+
+
 def run_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
-    """The short hash in a run's folder name (``${run_hash:}`` in ``train.yaml``). Protocol and training sets
-    are left out: they name the folders above it, so the rows of one grid share their run hash."""
-    return digest(training_settings(cfg), RUN_HASH_LENGTH)
+    """The short hash in a run's folder name (``${run_hash:}`` in ``train.yaml``). The protocol's name and the
+    training sets are left out (they name the folders above it), so the rows of one grid share their run hash;
+    a protocol's own settings are in (``-m protocol.confidence_threshold=0.5,0.9`` gives two runs)."""
+    settings = training_settings(cfg)
+    extra = protocol_settings(cfg)
+    return digest({**settings, "protocol": extra} if extra else settings, RUN_HASH_LENGTH)
 
 
 @dataclass(frozen=True)

@@ -56,3 +56,22 @@ def test_multirun_callbacks_are_registered():
     callbacks = composed(hydra=True).hydra.callbacks
     assert callbacks.job_outcomes._target_ == "aeval.entry.JobOutcomes"
     assert callbacks.grid_report._target_ == "aeval.orchestration.multirun.GridReport"
+
+
+def test_run_hash_covers_what_changes_the_weights_and_nothing_else():
+    from aeval.keys import run_hash
+
+    def hashed(*overrides: str) -> str:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            return run_hash(compose("train", overrides=list(overrides)))
+
+    base = hashed()
+    for changes in (["seed=1"], ["optim.lr=0.001"], ["optim=adamw"], ["loss=marginal"], ["trainer.max_epochs=10"],
+                    ["model=stu_s"], ["data.batch_size=4"], ["plan.patch_size=[64,64,64]"]):
+        assert hashed(*changes) != base, changes
+    for same in (["paths.root_dir=/elsewhere"], ["logger=csv"], ["trainer.enable_progress_bar=false"],
+                 ["data.num_workers=0"], ["trainer.max_steps=5"], ["dataset=amos_ct"], ["trainer=gpu"]):
+        assert hashed(*same) == base, same
+    pseudo = ["protocol=pseudo_label"]
+    assert hashed(*pseudo, "protocol.confidence_threshold=0.5") != hashed(*pseudo, "protocol.confidence_threshold=0.9")
+    assert hashed(*pseudo, "protocol.stop_after_round=1") == hashed(*pseudo)

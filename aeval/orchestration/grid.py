@@ -72,8 +72,13 @@ class ReportSpec:
 def grid_rows(cfg: DictConfig) -> list[GridRow]:
     """``grid.rows`` (Table 9: one per protocol) or one row per ``grid.train_sets``; ``grid.row`` keeps one."""
     if cfg.grid.get("rows"):
-        rows = [GridRow(str(r["name"]), str(r["protocol"]), r.get("dataset"),
-                        tuple((str(k), v) for k, v in (r.get("set") or {}).items())) for r in cfg.grid.rows]
+        rows = []
+        for index, r in enumerate(cfg.grid.rows):
+            if not isinstance(r, Mapping | DictConfig) or not r.get("name") or not r.get("protocol"):
+                raise ValueError(f"grid.rows[{index}]: needs a name and a protocol (and optionally dataset, set); "
+                                 f"got {r}")
+            rows.append(GridRow(str(r["name"]), str(r["protocol"]), r.get("dataset"),
+                                tuple((str(k), v) for k, v in (r.get("set") or {}).items())))
     else:
         rows = [GridRow(str(t), str(cfg.protocol.name), str(t)) for t in cfg.grid.train_sets]
     wanted = cfg.grid.get("row")

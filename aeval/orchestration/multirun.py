@@ -23,25 +23,28 @@ from aeval.orchestration.grid import GRID_RUNS_JSON, GridOutcome, ReportSpec, re
 log = logging.getLogger(__name__)
 
 
-def multirun_report(sweep_dir: Path) -> GridOutcome | None:
-    """The report over every grid job of ``sweep_dir`` (None when no job recorded its runs)."""
-    runs: list[RunKey] = []
-    specs: list[dict[str, Any]] = []
+def multirun_reports(sweep_dir: Path) -> list[GridOutcome]:
+    """One report per (results folder, metric mode) over the grid jobs of ``sweep_dir`` that used it:
+    ``<sweep dir>/report`` (``report/<metric>`` when the jobs used several)."""
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], list[RunKey]]]] = {}
     for outcome in job_outcomes(sweep_dir):
         try:
             record = json.loads((Path(outcome["dir"]) / GRID_RUNS_JSON).read_text())
         except (OSError, ValueError):
             continue
-        specs.append(record["spec"])
-        runs += [RunKey.from_mapping(r) for r in record["runs"]]
-    if not specs:
-        return None
-    first = specs[0]
-    tests = tuple(dict.fromkeys(t for s in specs for t in s["tests"]))
-    spec = ReportSpec(first["results_root"], first["metric"], tests, str(sweep_dir / "report"),
-                      f"A-Eval multirun {sweep_dir.name} ({len(specs)} jobs), metric {first['metric']}",
-                      first.get("paper"), any(s.get("compare_marginal") for s in specs))
-    return report_runs(spec, runs)
+        spec = record["spec"]
+        runs = [RunKey.from_mapping(r) for r in record["runs"]]
+        groups.setdefault((spec["results_root"], spec["metric"]), []).append((spec, runs))
+    reports = []
+    for (results_root, metric), jobs in groups.items():
+        specs = [spec for spec, _ in jobs]
+        tests = tuple(dict.fromkeys(t for s in specs for t in s["tests"]))
+        folder = sweep_dir / "report" / (metric if len(groups) > 1 else "")
+        spec = ReportSpec(results_root, metric, tests, str(folder),
+                          f"A-Eval multirun {sweep_dir.name} ({len(jobs)} jobs), metric {metric}",
+                          specs[0].get("paper"), any(s.get("compare_marginal") for s in specs))
+        reports.append(report_runs(spec, [r for _, runs in jobs for r in runs]))
+    return reports
 
 
 class GridReport(Callback):
@@ -49,9 +52,10 @@ class GridReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        outcome = multirun_report(sweep_dir) if sweep_dir.is_dir() else None
-        if outcome is None or outcome.report_dir is None:
+        outcomes = multirun_reports(sweep_dir) if sweep_dir.is_dir() else []
+        if not any(o.report_dir for o in outcomes):
             log.error("multirun report: no finished cells under %s", sweep_dir)
-        else:
-            log.info("multirun report: %s (%d run(s), %d cell(s) missing)", outcome.report_dir, len(outcome.runs),
-                     len(outcome.missing))
+        for outcome in outcomes:
+            if outcome.report_dir is not None:
+                log.info("multirun report: %s (%d run(s), %d cell(s) missing)", outcome.report_dir,
+                         len(outcome.runs), len(outcome.missing))

@@ -89,14 +89,15 @@ def case_confidence(logits: torch.Tensor) -> float:
 def lateral_split(region: np.ndarray, pair: tuple[int, int], reference: np.ndarray, affine: np.ndarray
                   ) -> np.ndarray:
     """Right/left classes for each connected component of ``region``: right when its centroid lies to the
-    patient's right (smaller RAS x) of the centroid of ``reference`` (the dataset's labelled organs)."""
+    patient's right (larger RAS+ world x: nibabel's x grows toward the patient's right) of the centroid of
+    ``reference`` (the dataset's labelled organs)."""
     right, left = pair
     out = np.zeros(region.shape, dtype=np.uint8)
     components, count = ndimage.label(region)
     centre_x = (affine[:3, :3] @ np.argwhere(reference).mean(0) + affine[:3, 3])[0] if reference.any() else 0.0
     for index, centroid in enumerate(ndimage.center_of_mass(region, components, range(1, count + 1)), start=1):
         x = (affine[:3, :3] @ np.asarray(centroid) + affine[:3, 3])[0]
-        out[components == index] = right if x < centre_x else left
+        out[components == index] = right if x > centre_x else left
     return out
 
 

@@ -155,6 +155,7 @@ class RoundRunner:
         job.run_dir = str(self.round_dir(index))
         job.run_name = f"{self.plan.protocol}-{self.plan.train}-round{index + 1}-{self.run_key.model}"
         job.ckpt_path = None
+        job.run_key = self.run_key.as_dict()  # the checkpoint records the cells' key: protocol, not round
         for dotted, value in self.plan.rounds[index].settings:
             OmegaConf.update(job, dotted, value, merge=False, force_add=True)
         return job
