@@ -35,4 +35,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache build

@@ -4,6 +4,7 @@ scripts, and (slow) installed without ``-e`` into a fresh virtual environment it
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,8 +19,11 @@ VERBS = ("prepare", "train", "evaluate", "predict", "score", "report", "grid", "
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    source = out / "source"  # a copy, as a fresh clone has it: no build/ left over, nothing written in the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "outputs", "multirun",
+                                                                 "data_root", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(source)], check=True, capture_output=True, timeout=300)
     (path,) = out.glob("aeval-*.whl")
     return path
 
