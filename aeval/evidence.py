@@ -42,6 +42,7 @@ from aeval.report import (
     TRAIN_ORDER,
     Grid,
     TextTable,
+    _csv_text,
     _grids,
     _order,
     _save_figure,
@@ -931,12 +932,7 @@ class Evidence:
 
 
 def _csv(records: list[dict]) -> str:
-    fields = list(dict.fromkeys(k for r in records for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _cell_text(v) for k, v in r.items()} for r in records)
-    return buffer.getvalue()
+    return _csv_text([{k: _cell_text(v) for k, v in r.items()} for r in records])
 
 
 def build_evidence(results_root: str | os.PathLike, out_dir: str | os.PathLike, options: EvidenceOptions,
