@@ -31,13 +31,24 @@ EXPECTED_ERRORS = (CaseError, ValueError, FileNotFoundError, KeyError)
 _multirun_codes: list[int] = []  # filled by JobOutcomes in the process that launched the jobs
 
 
+class ErrorLines(logging.Handler):
+    """Collects the error lines logged while a job runs, for its ``outcome.json``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage().splitlines()[0] if record.getMessage() else "")
+
+
 def run_job(job: Callable[[DictConfig], int | None], cfg: DictConfig) -> int:
     """``job(cfg)``'s exit code; an exception becomes one logged line and a non-zero code."""
     try:
         return int(job(cfg) or 0)
     except EXPECTED_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        log.error("%s", message)
+        log.error("%s", message, exc_info=os.environ.get("HYDRA_FULL_ERROR") == "1")
         return 2
     except Exception as err:  # a bug or a crash in a library: one line here, the traceback on request
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -47,10 +58,10 @@ def run_job(job: Callable[[DictConfig], int | None], cfg: DictConfig) -> int:
         return 1
 
 
-def _record_outcome(code: int) -> None:
+def _record_outcome(code: int, errors: list[str]) -> None:
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        write_outcome(hydra_cfg.runtime.output_dir, code, hydra_cfg.overrides.task)
+        write_outcome(hydra_cfg.runtime.output_dir, code, hydra_cfg.overrides.task, errors)
 
 
 def hydra_entry(verb: str, job: Callable[[DictConfig], int | None]) -> Callable[[], None]:
@@ -60,9 +71,14 @@ def hydra_entry(verb: str, job: Callable[[DictConfig], int | None]) -> Callable[
 
     @hydra.main(version_base=None, config_path="conf", config_name=verb)
     def task(cfg: DictConfig) -> int:
-        code = run_job(job, cfg)
+        errors = ErrorLines()
+        logging.getLogger().addHandler(errors)
+        try:
+            code = run_job(job, cfg)
+        finally:
+            logging.getLogger().removeHandler(errors)
         codes.append(code)
-        _record_outcome(code)
+        _record_outcome(code, errors.lines)
         return code
 
     def main() -> None:
@@ -87,6 +103,9 @@ class JobOutcomes(Callback):
         failed = [o for o in outcomes if o["exit_code"] != 0]
         for outcome in failed:
             status = "left no outcome (killed?)" if outcome["exit_code"] is None else f"exit {outcome['exit_code']}"
+            errors = outcome.get("errors") or []
+            if errors:
+                status += f": {errors[0]}" + (f" (+{len(errors) - 1} more in its log)" if len(errors) > 1 else "")
             log.error("job %s %s: %s", Path(outcome["dir"]).name, " ".join(outcome["overrides"]), status)
         log.info("multirun: %d job(s), %d failed; outputs in %s", len(outcomes), len(failed), sweep_dir)
         _multirun_codes.append(max([o["exit_code"] or 1 for o in failed], default=0))

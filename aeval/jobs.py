@@ -15,9 +15,11 @@ __all__ = ["OUTCOME_JSON", "job_outcomes", "write_outcome"]
 OUTCOME_JSON = "outcome.json"
 
 
-def write_outcome(output_dir: str | Path, exit_code: int, overrides: Sequence[str]) -> Path:
+def write_outcome(output_dir: str | Path, exit_code: int, overrides: Sequence[str], errors: Sequence[str] = ()
+                  ) -> Path:
+    """The job's exit code, its overrides and the error lines it logged."""
     return write_text_atomic(Path(output_dir) / OUTCOME_JSON, json.dumps(
-        {"exit_code": exit_code, "overrides": list(overrides)}, indent=2) + "\n")
+        {"exit_code": exit_code, "overrides": list(overrides), "errors": list(errors)}, indent=2) + "\n")
 
 
 def job_outcomes(sweep_dir: str | Path) -> list[dict[str, Any]]:

@@ -61,7 +61,7 @@ def check_plan(plan: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
     missing = [key for key in PLAN_KEYS if key not in plan]
     if missing:
         raise CaseError(source, f"not an aeval plan (missing {', '.join(missing)}); "
-                        "make one with `python -m aeval.prepare` or aeval.data.plan")
+                        "training writes one (plans.json under paths.preprocessed_root), or pass an nnU-Net plan")
     return dict(plan)
 
 

@@ -101,3 +101,6 @@ def test_grid_rows_as_submitit_jobs_a_failed_row_keeps_the_others(tmp_path):
     report = (sweep / "report" / "grid.md").read_text()
     assert "| FLARE22 |" in report and "individual/word/stu_tiny/" in report.split("### Missing cells")[1]
     assert "grid.row=word" in output and "1 failed" in output
+    failed = next(json.loads((sweep / j / "outcome.json").read_text()) for j in ("0", "1")
+                  if json.loads((sweep / j / "outcome.json").read_text())["exit_code"])
+    assert any("grid row word failed" in line for line in failed["errors"])  # why, in the job's outcome

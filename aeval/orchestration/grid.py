@@ -193,7 +193,7 @@ def report_spec(cfg: DictConfig) -> ReportSpec:
 def run_grid(cfg: DictConfig) -> GridOutcome:
     """Every row (or the one ``grid.row`` names), then the report over the rows' cells. The rows' keys are
     stored in the job's output folder for the multirun-end report."""
-    failures = FailureLog(printer=lambda line: console.print(line, style="red", markup=False, highlight=False))
+    failures = FailureLog(printer=lambda line: log.error("%s", line.removeprefix("[error] ")))
     rows = grid_rows(cfg)
     if cfg.grid.get("synthetic"):
         prepare_synthetic(cfg, rows, failures)
