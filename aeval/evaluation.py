@@ -17,7 +17,8 @@ from aeval.console import console
 from aeval.errors import CaseError, FailureLog
 from aeval.keys import RUN_HASH_LENGTH, RunKey, digest
 from aeval.metrics import metric_key, scoring_rules
-from aeval.predict import LoadedModel, case_name, predict_files
+from aeval.nifti import nifti_case_name
+from aeval.predict import LoadedModel, predict_files
 from aeval.results import cell_dir, cell_finished, predictions_dir, write_cell
 from aeval.score import score_folder
 
@@ -76,7 +77,7 @@ def evaluate(model: LoadedModel, test_sets: list[str], data_root: str | Path, re
         written = predict_files(model, images, predictions, inference=inference, skip_existing=not overwrite,
                                 failures=result.failures)
         # a case whose prediction failed already has its line; scoring would add "prediction missing"
-        unpredicted = {str(predictions / f"{case_name(p)}.nii.gz") for p in images} - {str(p) for p in written}
+        unpredicted = {str(predictions / f"{nifti_case_name(p)}.nii.gz") for p in images} - {str(p) for p in written}
         try:
             scores = score_folder(predictions, labels_dir, pred_labels=model.label_system, gt_labels=gt_system,
                                   metric=metric, classes=classes, num_workers=num_workers, progress=True,

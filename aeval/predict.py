@@ -145,11 +145,6 @@ def _known_system(name: str, source: Path) -> str:
     return name
 
 
-def case_name(path: Path) -> str:
-    """``amos_0001_0000.nii.gz`` (any letter case) -> ``amos_0001`` (nnU-Net's channel suffix dropped)."""
-    return nifti_case_name(path)
-
-
 def list_inputs(source: str | Path, failures: FailureLog | None = None) -> list[Path]:
     """A NIfTI file, or the NIfTI files of a folder (any letter case; hidden and temporary files left out).
     Two files of one case (``x.nii.gz`` and ``x_0000.nii.gz``) would write one output: that case is a failure
@@ -197,7 +192,7 @@ def predict_files(model: LoadedModel, inputs: Sequence[Path], output_dir: str | 
         task = progress.add_task("predict", total=len(inputs), case="")
         for path in inputs:
             progress.update(task, case=path.name)
-            target = output_dir / f"{case_name(path)}.nii.gz"
+            target = output_dir / f"{nifti_case_name(path)}.nii.gz"
             if skip_existing and target.exists():
                 written.append(target)
             else:

@@ -121,7 +121,7 @@ def read_cells(results_root: str | os.PathLike, problems: list[str] | None = Non
                 problems.append(f"{path}: no scored cases")
                 continue
             rows.append({**_row(key, None, {"dsc": summary["mean_dsc"], "nsd": summary["mean_nsd"]}, summary),
-                         "case_dsc": _case_dsc(path.parent / CASES_CSV)})
+                         "case_dsc": _case_dsc(root, CellKey(**key))})
             for organ, values in (summary.get("organs") or {}).items():
                 if values.get("dsc") is not None and values.get("nsd") is not None:
                     rows.append(_row(key, organ, values, summary))
@@ -130,29 +130,28 @@ def read_cells(results_root: str | os.PathLike, problems: list[str] | None = Non
     return rows
 
 
-def _case_dsc(path: Path) -> list[float] | None:
+def _case_dsc(results_root: Path, key: CellKey) -> list[float] | None:
     """Per-case DSC (%, the mean over the case's organs) from a cell's ``cases.csv`` (for box plots); None when
     unreadable."""
     try:
-        with open(path, newline="") as handle:
-            per_case: dict[str, list[float]] = {}
-            for row in csv.DictReader(handle):
-                per_case.setdefault(row["case"], []).append(float(row["dsc"]))
-    except (OSError, KeyError, TypeError, ValueError):
+        columns = read_case_columns(results_root, key)
+    except CaseError:
         return None
+    per_case: dict[str, list[float]] = {}
+    for case, dsc in zip(columns["case"], columns["dsc"], strict=True):
+        per_case.setdefault(case, []).append(float(dsc))
     return [100 * sum(values) / len(values) for _, values in sorted(per_case.items())] or None
 
 
 def read_case_rows(results_root: str | os.PathLike, key: CellKey) -> list[dict[str, Any]]:
     """A cell's ``cases.csv`` as rows ``{case, organ, dsc, nsd, gt_empty, pred_empty}`` (fractions; a flag is
     None where the cell was scored before flags were stored)."""
-    path = cell_dir(results_root, key) / CASES_CSV
-    try:
-        with open(path, newline="") as handle:
-            return [{"case": r["case"], "organ": r["organ"], "dsc": float(r["dsc"]), "nsd": float(r["nsd"]),
-                     **{flag: _flag_value(r.get(flag)) for flag in FLAGS}} for r in csv.DictReader(handle)]
-    except (OSError, KeyError, ValueError) as err:
-        raise CaseError(path, f"unreadable case table ({type(err).__name__}: {err})") from None
+    columns = read_case_columns(results_root, key)
+    flags = {flag: [None if np.isnan(v) else bool(v) for v in columns[flag]] for flag in FLAGS}
+    return [{"case": case, "organ": organ, "dsc": float(dsc), "nsd": float(nsd),
+             **{flag: flags[flag][i] for flag in FLAGS}}
+            for i, (case, organ, dsc, nsd) in enumerate(zip(columns["case"], columns["organ"], columns["dsc"],
+                                                            columns["nsd"], strict=True))]
 
 
 # --- listing cells and empty flags (for aeval.evidence) -----------------------------------------------------
@@ -182,14 +181,6 @@ def read_case_columns(results_root: str | os.PathLike, key: CellKey) -> dict[str
 
 def _flag_text(value: Any) -> str:
     return "" if value is None else str(int(bool(value)))
-
-
-def _flag_value(text: str | None) -> bool | None:
-    if text is None or text.strip() == "":
-        return None
-    if text.strip() not in ("0", "1"):
-        raise ValueError(f"flag {text!r} is not 0, 1 or empty")
-    return text.strip() == "1"
 
 
 def cell_keys(results_root: str | os.PathLike, runs: Sequence[RunKey] | None = None) -> list[CellKey]:

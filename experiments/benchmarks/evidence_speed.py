@@ -19,13 +19,13 @@ import datetime as dt
 import io
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
+from score_speed import timed  # the benchmarks' one timing helper (median of repeats), same folder
 
 from aeval import evidence, report
 from aeval.keys import CellKey
@@ -61,15 +61,6 @@ def synthesize(root: Path, n_cases: int, seed: int = 0) -> int:
                 write_cell(root, key, summarize(rows, AEVAL8_ORGANS), rows)
                 rows_written += len(rows)
     return rows_written
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def main() -> None:
