@@ -31,8 +31,9 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-lint: setup
+lint: setup  # ruff, and pylint's copy detector over the package (issue 17's bar: nothing reported)
 	$(VENV)/bin/ruff check .
+	$(PY) -m pylint --disable=all --enable=duplicate-code --min-similarity-lines=6 aeval
 
 clean:
 	rm -rf outputs multirun .pytest_cache build

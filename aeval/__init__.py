@@ -2,6 +2,7 @@
 
 from aeval.resolvers import register
 
+__all__ = ["__version__"]
 __version__ = "0.1.0"
 
 register()

@@ -1,16 +1,23 @@
 """Failures as data: a bad input is one line naming the file and the problem, and a batch carries on.
 
 :class:`CaseError` is an expected problem with one input (it pickles, so worker processes can return it);
-:class:`FailureLog` collects a batch's failure lines and gives the exit code.
+:class:`CaseFailure` is the record a batch keeps of one (path and problem as plain strings);
+:class:`FailureLog` collects a batch's records, logs each as one line and gives the exit code. Only the
+exceptions in :data:`EXPECTED_CASE_ERRORS` become per-case failures; anything else (a bug, an out-of-memory
+error) propagates.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-__all__ = ["CaseError", "FailureLog"]
+__all__ = ["EXPECTED_CASE_ERRORS", "CaseError", "CaseFailure", "FailureLog"]
+
+log = logging.getLogger("aeval")
 
 
 class CaseError(Exception):
@@ -25,36 +32,81 @@ class CaseError(Exception):
         return type(self), (self.path, self.problem)
 
 
+# What a bad input file raises besides CaseError (nibabel/gzip/zlib/numpy on truncated or foreign files).
+EXPECTED_CASE_ERRORS: tuple[type[BaseException], ...] = (CaseError, OSError, ValueError, EOFError)
+
+
+@dataclass(frozen=True)
+class CaseFailure:
+    """One case that failed: the file and the problem, as plain strings (picklable, printable)."""
+
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}" if self.path else self.problem
+
+    @classmethod
+    def of(cls, err: BaseException, path: str | os.PathLike) -> CaseFailure:
+        """The record of ``err`` raised while on ``path`` (a CaseError keeps its own path)."""
+        if isinstance(err, CaseError):
+            return cls(err.path, err.problem)
+        return cls(str(path), f"{type(err).__name__}: {err}")
+
+    def as_error(self) -> CaseError:
+        return CaseError(self.path, self.problem)
+
+
 class FailureLog:
-    """Collects per-case failures of a batch command: each is printed as one line when it happens and
-    the batch carries on; :meth:`exit_code` is non-zero when anything failed."""
+    """The per-case failures of a batch command: each is logged as one line when it happens and the batch
+    carries on; :meth:`exit_code` is non-zero when anything failed. ``quiet`` records without logging (a
+    caller that reports the lines itself)."""
 
-    def __init__(self, printer: Callable[[str], None] | None = None):
-        self.failures: list[str] = []
-        self._print = printer or (lambda line: print(line, flush=True))
+    def __init__(self, quiet: bool = False):
+        self.records: list[CaseFailure] = []
+        self.quiet = quiet
 
-    def add(self, err: Exception | str, path: str | os.PathLike | None = None) -> None:
-        if isinstance(err, CaseError) or path is None:
-            line = str(err)
-        elif isinstance(err, str):
-            line = f"{path}: {err}"
+    @property
+    def failures(self) -> list[str]:
+        """The failure lines, ``"<path>: <problem>"``."""
+        return [str(record) for record in self.records]
+
+    def add(self, failure: CaseFailure | BaseException | str, path: str | os.PathLike | None = None) -> None:
+        """Record one failure: a record, an exception raised on ``path``, or a problem line (about ``path``,
+        or about the batch as a whole when ``path`` is None)."""
+        if isinstance(failure, CaseFailure):
+            record = failure
+        elif isinstance(failure, str):
+            record = CaseFailure(str(path) if path is not None else "", failure)
         else:
-            line = f"{path}: {type(err).__name__}: {err}"
-        self.failures.append(line)
-        self._print(f"[error] {line}")
+            record = CaseFailure.of(failure, path if path is not None else "")
+        self.records.append(record)
+        if not self.quiet:
+            log.error("%s", record)
+
+    def extend(self, failures: list[CaseFailure]) -> None:
+        for failure in failures:
+            self.add(failure)
+
+    def merge(self, other: FailureLog) -> None:
+        """Take over the records of another log (already logged there, so not again)."""
+        self.records.extend(other.records)
+
+    def paths(self) -> set[str]:
+        return {record.path for record in self.records}
 
     @contextmanager
     def case(self, path: str | os.PathLike) -> Iterator[None]:
-        """Run one case; any error becomes a failure line instead of a traceback."""
+        """Run one case; an expected input problem becomes a failure record instead of a traceback."""
         try:
             yield
-        except (CaseError, ValueError, OSError, RuntimeError) as err:
-            self.add(err if isinstance(err, CaseError) else CaseError(path, str(err)))
+        except EXPECTED_CASE_ERRORS as err:
+            self.add(CaseFailure.of(err, path))
 
     def summary(self) -> str:
-        if not self.failures:
+        if not self.records:
             return "no failures"
-        return f"{len(self.failures)} failed:\n" + "\n".join(f"  {line}" for line in self.failures)
+        return f"{len(self.records)} failed:\n" + "\n".join(f"  {line}" for line in self.failures)
 
     def exit_code(self, code: int = 2) -> int:
-        return code if self.failures else 0
+        return code if self.records else 0

@@ -15,17 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 from aeval.entry import hydra_entry
 from aeval.errors import FailureLog
 from aeval.evaluation import checkpoint_key, evaluate
-from aeval.predict import load_model
+from aeval.models.load import load_model
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_job(cfg: DictConfig) -> int:
+    """Evaluate one checkpoint on the test sets; the exit code is 2 when any case failed."""
     model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"), label_system=cfg.get("model_labels"),
                        configuration=cfg.get("configuration"), reorient=cfg.get("reorient"))
     key = checkpoint_key(model, {"protocol": cfg.protocol_name, "train": cfg.train_name, "model": cfg.model_name,
                                  "run": cfg.get("run")}, cfg.ckpt_path)
-    failures = FailureLog(printer=log.error)
+    failures = FailureLog()
     result = evaluate(model, list(cfg.test_sets), cfg.paths.data_root, cfg.paths.results_root, key=key,
                       metric=cfg.metric.name, classes=cfg.metric.classes,
                       inference=OmegaConf.to_container(cfg.inference, resolve=True),

@@ -7,20 +7,23 @@ disk are reused, so a crashed or partly failed evaluation resumes where it stopp
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aeval.console import console
+from aeval.dataset import UnifiedDataset
 from aeval.errors import CaseError, FailureLog
 from aeval.keys import RUN_HASH_LENGTH, RunKey, digest
 from aeval.metrics import metric_key, scoring_rules
+from aeval.models.load import LoadedModel
 from aeval.nifti import nifti_case_name
-from aeval.predict import LoadedModel, predict_files
+from aeval.prediction import predict_files
 from aeval.results import cell_dir, cell_finished, predictions_dir, write_cell
-from aeval.score import score_folder
+from aeval.scoring import score_folder
+
+log = logging.getLogger(__name__)
 
 KEY_FIELDS = ("protocol", "train", "model", "run")
 
@@ -34,22 +37,12 @@ class Evaluation:
     failures: FailureLog = field(default_factory=FailureLog)
 
 
-def held_out_cases(dataset_dir: Path) -> tuple[list[Path], Path, str]:
+def held_out_cases(dataset: UnifiedDataset) -> tuple[list[Path], Path, str]:
     """Images of a unified dataset's test split, its label folder and its label system."""
-    meta_path = dataset_dir / "dataset.json"
-    if not meta_path.exists():
-        raise CaseError(dataset_dir, "no dataset.json (run `python -m aeval.prepare` first)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        splits = json.loads((dataset_dir / "splits.json").read_text())
-        system = meta["label_system"]
-        cases = list(splits.get("test") or [])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CaseError(dataset_dir, f"unreadable dataset.json/splits.json ({type(err).__name__}: {err})") from None
+    system, cases = dataset.label_system, dataset.cases("test")
     if not cases:
-        raise CaseError(dataset_dir, "the test split is empty")
-    images = [dataset_dir / "imagesTs" / f"{case}_0000.nii.gz" for case in cases]
-    return images, dataset_dir / "labelsTs", system
+        raise CaseError(dataset.root, "the test split is empty")
+    return [dataset.image(case, "test") for case in cases], dataset.labels_dir("test"), system
 
 
 def evaluate(model: LoadedModel, test_sets: list[str], data_root: str | Path, results_root: str | Path, *,
@@ -64,16 +57,16 @@ def evaluate(model: LoadedModel, test_sets: list[str], data_root: str | Path, re
         cell_key = key.cell(test, metric_key(metric, classes))
         cell = cell_dir(results_root, cell_key)
         if not overwrite and cell_finished(results_root, cell_key):
-            console.print(f"cell {cell} exists, skipped", markup=False, highlight=False)
+            log.info("cell %s exists, skipped", cell)
             result.skipped.append(cell)
             continue
         try:
-            images, labels_dir, gt_system = held_out_cases(Path(data_root) / test)
+            images, labels_dir, gt_system = held_out_cases(UnifiedDataset.at(data_root, test))
         except CaseError as err:
             result.failures.add(err)
             continue
         predictions = predictions_dir(results_root, key, test)
-        console.print(f"{key.train} -> {test}: {len(images)} case(s)", markup=False, highlight=False)
+        log.info("%s -> %s: %d case(s)", key.train, test, len(images))
         written = predict_files(model, images, predictions, inference=inference, skip_existing=not overwrite,
                                 failures=result.failures)
         # a case whose prediction failed already has its line; scoring would add "prediction missing"
@@ -81,18 +74,16 @@ def evaluate(model: LoadedModel, test_sets: list[str], data_root: str | Path, re
         try:
             scores = score_folder(predictions, labels_dir, pred_labels=model.label_system, gt_labels=gt_system,
                                   metric=metric, classes=classes, num_workers=num_workers, progress=True,
-                                  printer=lambda line: None)
+                                  quiet=True)
         except CaseError as err:
             result.failures.add(err)
             continue
-        for line in scores.failures:
-            if not any(line.startswith(f"{path}: prediction missing") for path in unpredicted):
-                result.failures.add(line, None)
+        result.failures.extend([f for f in scores.failures if f.path not in unpredicted])
         if not scores.rows:
             continue
         write_cell(results_root, cell_key, {**scores.summary, "n_expected": len(images)}, scores.rows)
-        console.print(f"  DSC {100 * scores.summary['mean_dsc']:.2f}  NSD {100 * scores.summary['mean_nsd']:.2f}"
-                      f"  -> {cell}", markup=False, highlight=False)
+        log.info("  DSC %.2f  NSD %.2f  -> %s", 100 * scores.summary["mean_dsc"], 100 * scores.summary["mean_nsd"],
+                 cell)
         result.written.append(cell)
     return result
 

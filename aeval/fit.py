@@ -30,6 +30,7 @@ from aeval.data.plan import plan_datasets
 from aeval.data.preprocess import preprocess_dataset
 from aeval.keys import RunKey
 from aeval.nifti import remove_stale_temporaries, write_text_atomic
+from aeval.plan import Plan
 from aeval.tracking import build_loggers, finish_loggers
 from aeval.validate import check_train_config
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    """What a finished training leaves: its run folder, best and last checkpoints, final metrics."""
+
     run_dir: Path
     best_checkpoint: Path | None
     last_checkpoint: Path
@@ -55,12 +58,12 @@ class TrainResult:
 
 
 def prepare_training_data(train_sets: list[str], paths: DictConfig, plan_overrides: dict[str, Any],
-                          workers: int) -> tuple[dict[str, Any], list[Path]]:
+                          workers: int) -> tuple[Plan, list[Path]]:
     """Plan over the union of the training sets and fill the preprocessing cache (both idempotent)."""
     with folder_lock(Path(paths.preprocessed_root)):
         plan_dir = plan_datasets(train_sets, Path(paths.data_root), Path(paths.preprocessed_root),
                                  **{k: v for k, v in plan_overrides.items() if v is not None})
-        plan = json.loads((plan_dir / "plans.json").read_text())
+        plan = Plan.read(plan_dir / "plans.json")
         caches = [preprocess_dataset(Path(paths.data_root) / name, plan_dir / "plans.json", plan_dir / name,
                                      num_workers=workers) for name in train_sets]
     return plan, caches
@@ -177,12 +180,12 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
     return TrainResult.load(run_dir)
 
 
-def build_module(cfg: DictConfig, plan: dict[str, Any]) -> L.LightningModule:
+def build_module(cfg: DictConfig, plan: Plan) -> L.LightningModule:
     """The LightningModule ``module._target_`` names, with the run's network, plan, optimizer and loss configs
     (kept as plain data in the checkpoint; the module instantiates the optimizer and loss from them)."""
     settings = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("model", "optim", "loss")}
     return get_class(cfg.module._target_)(
-        **settings, plan=plan, max_epochs=int(cfg.trainer.max_epochs), run_key=run_key_of(cfg),
+        **settings, plan=plan.to_dict(), max_epochs=int(cfg.trainer.max_epochs), run_key=run_key_of(cfg),
         channels_last=cfg.get("channels_last", "auto"), poly_exponent=float(cfg.scheduler.poly_exponent))
 
 

@@ -29,6 +29,9 @@ NOT_HASHED = {"trainer": ("_target_", "accelerator", "strategy", "enable_progres
               "data": ("num_workers",)}
 
 
+MODEL_SIZES = ("tiny", "s", "b", "l", "h")  # STU-Net's sizes (aeval.models.stunet builds each); tiny is for CPUs
+
+
 def model_name(size: str) -> str:
     """``s`` -> ``stu_s`` (the name cells, run folders and reports use); ``stu_s`` stays as it is."""
     size = str(size).lower()

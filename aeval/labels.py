@@ -109,6 +109,7 @@ LABEL_SYSTEMS = tuple(_systems.__wrapped__().keys())
 
 
 def get_system(name: str) -> LabelSystem:
+    """The label system of that name (KeyError listing the known ones otherwise)."""
     systems = _systems()
     if name not in systems:
         raise KeyError(f"unknown label system '{name}'; known: {', '.join(systems)}")

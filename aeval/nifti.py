@@ -117,6 +117,7 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half of it."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)

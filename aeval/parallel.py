@@ -17,40 +17,24 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from aeval.errors import CaseError
+from aeval.errors import EXPECTED_CASE_ERRORS, CaseError, CaseFailure
 
-__all__ = ["EXPECTED_CASE_ERRORS", "WORKER_DIED", "CaseFailure", "failures_of", "map_cases"]
+__all__ = ["WORKER_DIED", "failures_of", "map_cases"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-# What a bad input file raises besides CaseError (nibabel/gzip/zlib/numpy on truncated or foreign files).
-EXPECTED_CASE_ERRORS: tuple[type[BaseException], ...] = (CaseError, OSError, ValueError, EOFError)
 WORKER_DIED = "the worker process died while on this case (killed, e.g. out of memory, or crashed)"
 
 
-@dataclass(frozen=True)
-class CaseFailure:
-    """One case that failed: the file and the problem, as plain strings (picklable, printable)."""
-
-    path: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
-
-    def as_error(self) -> CaseError:
-        return CaseError(self.path, self.problem)
-
-
 def failures_of(results: Iterable[object]) -> list[CaseFailure]:
+    """The failure records among :func:`map_cases`' results."""
     return [r for r in results if isinstance(r, CaseFailure)]
 
 
@@ -58,10 +42,8 @@ def _call(fn: Callable[[T], R], item: T, path: str, expected: tuple[type[BaseExc
     """Run one case; an expected problem comes back as a CaseFailure instead of an exception."""
     try:
         return fn(item)
-    except CaseError as err:
-        return CaseFailure(err.path, err.problem)
-    except expected as err:
-        return CaseFailure(path, f"{type(err).__name__}: {err}")
+    except (CaseError, *expected) as err:
+        return CaseFailure.of(err, path)
 
 
 class _Bar:

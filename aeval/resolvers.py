@@ -1,6 +1,7 @@
 """The OmegaConf resolvers the configs use; registered once when :mod:`aeval` is imported.
 
 - ``${join:${train_sets}}``: ``flare22+amos_ct+totalseg``, the folder name of a run on several datasets.
+- ``${model_name:${model.size}}``: ``stu_l``, the model's name in folders and cells (:func:`aeval.keys.model_name`).
 - ``${run_hash:}``: the run's hash (:func:`aeval.keys.run_hash`) from the config it appears in.
 - ``${slurm_gpus:${trainer.accelerator},${trainer.devices}}``: GPUs a SLURM job asks for (0 for CPU runs).
 - ``${plus:${data.num_workers},2}``: integer sum (CPUs of a job: loader workers plus the main processes);
@@ -13,12 +14,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from aeval.keys import run_hash
+from aeval.keys import model_name, run_hash
 
 __all__ = ["register"]
 
 
 def slurm_gpus(accelerator: Any, devices: Any) -> int:
+    """GPUs a SLURM job asks for: the trainer's devices, 0 on CPU."""
     if str(accelerator) == "cpu":
         return 0
     try:
@@ -28,7 +30,9 @@ def slurm_gpus(accelerator: Any, devices: Any) -> int:
 
 
 def register() -> None:
+    """Register the resolvers (idempotent)."""
     resolvers = {"join": lambda items: "+".join(map(str, items)),
+                 "model_name": lambda size: model_name(str(size)),
                  "run_hash": lambda *, _root_: run_hash(_root_),
                  "slurm_gpus": slurm_gpus,
                  "max_one": lambda value: max(int(value), 1),

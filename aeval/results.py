@@ -38,6 +38,7 @@ KEY_DEPTH = 6  # protocol / train / model / run / test / metric
 
 
 def cell_dir(results_root: str | os.PathLike, key: CellKey) -> Path:
+    """The folder of one cell in the results store."""
     return Path(results_root, key.protocol, key.train, key.model, key.run, key.test, key.metric)
 
 

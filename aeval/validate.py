@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from aeval.dataset import DATASET_JSON, UnifiedDataset
+from aeval.keys import MODEL_SIZES
 from aeval.labels import LABEL_SYSTEMS
 
 __all__ = ["ConfigError", "check_output_folder", "check_train_config", "known_datasets"]
@@ -70,7 +72,7 @@ def known_datasets(data_root: str | os.PathLike | None) -> list[str]:
     """Datasets with a config in ``conf/dataset`` and datasets converted under ``data_root``."""
     names = {p.stem for p in DATASET_CONFIGS.glob("*.yaml")}
     if data_root is not None and Path(data_root).is_dir():
-        names |= {p.parent.name for p in Path(data_root).glob("*/dataset.json")}
+        names |= {p.parent.name for p in Path(data_root).glob(f"*/{DATASET_JSON}")}
     return sorted(names)
 
 
@@ -85,7 +87,7 @@ def _check_datasets(cfg: Mapping[str, Any]) -> None:
             continue  # a protocol's pseudo-labelled set, resolved by the protocol
         if name not in known:
             raise ConfigError(f"train_sets: unknown dataset '{name}'; known: {', '.join(known)}")
-        if data_root is not None and not (Path(data_root) / name / "dataset.json").exists():
+        if data_root is not None and not UnifiedDataset.at(data_root, name).exists():
             raise ConfigError(f"train_sets: dataset '{name}' is not converted (no {Path(data_root) / name}/"
                               f"dataset.json); run `python -m aeval.prepare only=[{name}]`")
 
@@ -103,13 +105,11 @@ def _check_patch_size(cfg: Mapping[str, Any]) -> None:
 def check_train_config(cfg: Mapping[str, Any], *, datasets: bool = True) -> None:
     """Raise :class:`ConfigError` for the first unusable value of a training config (``aeval/conf/train.yaml``).
     ``datasets=False`` skips the check that the training sets are converted (a protocol converts them)."""
-    import torch  # only for the training check
-
-    from aeval.models.stunet import STUNET_SIZES
+    import torch  # only for the training check (the optimizer and loss base classes)
 
     if datasets:
         _check_datasets(cfg)
-    _choice(cfg, "model.size", sorted(STUNET_SIZES), lambda s: s.lower().removeprefix("stu_"))
+    _choice(cfg, "model.size", sorted(MODEL_SIZES), lambda s: s.lower().removeprefix("stu_"))
     _check_target(cfg, "optim", torch.optim.Optimizer)
     _check_target(cfg, "loss", torch.nn.Module)
     _choice(cfg, "trainer.precision", PRECISIONS)

@@ -15,10 +15,10 @@ from conftest import CONF_DIR, REAL, affine_for, needs_real
 from aeval import labels as L
 from aeval.data import synthetic as S
 from aeval.data.convert import convert_dataset, split_word_adrenals
+from aeval.data.prepare import prepare
 from aeval.data.registry import DatasetSpec
 from aeval.errors import CaseError
 from aeval.metrics import metric_card, metric_key, parse_metric_key, score_case, scoring_rules, unscored_organs
-from aeval.prepare import prepare
 
 sd = pytest.importorskip("surface_distance")
 pytestmark = pytest.mark.filterwarnings("ignore")

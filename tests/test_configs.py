@@ -3,6 +3,10 @@ launcher (as ``--cfg hydra`` shows it), with the SLURM defaults taken from the t
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
+
 import pytest
 from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
@@ -75,3 +79,67 @@ def test_run_hash_covers_what_changes_the_weights_and_nothing_else():
     pseudo = ["protocol=pseudo_label"]
     assert hashed(*pseudo, "protocol.confidence_threshold=0.5") != hashed(*pseudo, "protocol.confidence_threshold=0.9")
     assert hashed(*pseudo, "protocol.stop_after_round=1") == hashed(*pseudo)
+
+
+# --- every key is read ---------------------------------------------------------------------------------------
+# Keys of mappings the code indexes by a runtime value (a protocol's datasets by modality, the dataset registry
+# by name) are not spelled in the code.
+DYNAMIC_MAPPINGS = ("protocols.multimodal.datasets.", "protocol.datasets.")
+VERB_OVERRIDES = {"predict": ["ckpt_path=x", "input=x", "output=x"], "score": ["pred_dir=x", "gt_dir=x"],
+                  "evaluate": ["ckpt_path=x"]}
+PACKAGE = CONF_DIR.parent
+
+
+def _code_reads() -> tuple[str, set[str]]:
+    source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+    yaml_text = "\n".join(p.read_text() for p in CONF_DIR.rglob("*.yaml"))
+    interpolated = set(re.findall(r"\$\{(?:[a-z_]+:)?([A-Za-z0-9_.]+)", yaml_text))
+    return source, interpolated
+
+
+def _target_parameters(node: dict) -> set[str] | None:
+    """The parameters ``hydra.utils.instantiate`` passes a node's keys to (None: any keyword is taken)."""
+    module, _, name = node["_target_"].rpartition(".")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return set(parameters)
+
+
+def _unread(node: dict, path: str, source: str, interpolated: set[str], accepted: set[str] | None) -> list[str]:
+    found = []
+    for key, child in node.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key.startswith("_") and key.endswith("_"):
+            continue
+        if isinstance(child, dict):
+            params = _target_parameters(child) if "_target_" in child else set()
+            found += _unread(child, full, source, interpolated, params)
+            continue
+        spelled = re.search(rf"""(\.{key}\b|["']{key}["']|\b{key}=|^\s+{key}:)""", source, re.M)
+        taken = accepted is None or key in accepted
+        if not (spelled or taken or full in interpolated or full.startswith(DYNAMIC_MAPPINGS)):
+            found.append(full)
+    return found
+
+
+@pytest.mark.parametrize("verb,experiment", [(verb, None) for verb in
+                                             ("train", "grid", "evaluate", "predict", "score", "report",
+                                              "prepare", "export")]
+                         + [("grid", e) for e in EXPERIMENTS])
+def test_every_config_key_is_read_by_the_code(verb, experiment):
+    """A key nobody reads is a setting that silently does nothing: each composed key is spelled in the package's
+    code, taken by the ``_target_`` it configures, or interpolated by another key."""
+    overrides = VERB_OVERRIDES.get(verb, []) + ([f"experiment={experiment}"] if experiment else [])
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose(verb, overrides=overrides)
+    job = OmegaConf.to_container(cfg, resolve=False)
+    source, interpolated = _code_reads()
+    assert _unread(job, "", source, interpolated, set()) == []
+
+
+def test_an_unread_key_is_caught():
+    source, interpolated = _code_reads()
+    node = {"trainer": {"max_epochs": 1, "max_epohcs": 1},
+            "optim": {"_target_": "torch.optim.SGD", "lr": 0.01, "nesterov_momentum": 0.9}}
+    assert _unread(node, "", source, interpolated, set()) == ["trainer.max_epohcs", "optim.nesterov_momentum"]

@@ -12,10 +12,10 @@ from conftest import CONF_DIR, write_nifti
 from omegaconf import OmegaConf
 
 from aeval.data.convert import convert_dataset
+from aeval.data.prepare import prepare
 from aeval.data.registry import DatasetSpec
 from aeval.errors import FailureLog
 from aeval.labels import get_system
-from aeval.prepare import prepare
 
 SHAPE = (12, 10, 8)
 LPS = np.diag([-1.5, -1.5, 4.0, 1.0])
@@ -116,8 +116,7 @@ def test_bad_inputs_one_line_each_others_carry_on(raw_root, tmp_path):
     write_nifti(amos / "labelsTr/amos_0006.nii.gz", np.zeros(SHAPE, np.uint8), LPS)
     pair(raw_root, "AMOS/amos22/imagesTr/amos_0008.nii.gz", None, 8, 15)
 
-    lines = []
-    failures = FailureLog(printer=lines.append)
+    failures = FailureLog()
     summary = convert_dataset(DatasetSpec.from_config(dataset_config("amos_ct", raw_root)), tmp_path / "u",
                               failures=failures)
     assert sorted(c.case for c in summary.cases) == ["amos_0001", "amos_0002", "amos_0007"]

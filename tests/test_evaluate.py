@@ -18,7 +18,7 @@ from aeval.errors import FailureLog
 from aeval.evaluation import evaluate
 from aeval.keys import CellKey, RunKey
 from aeval.labels import remap
-from aeval.report import build_report
+from aeval.reporting.build import build_report
 from aeval.results import cell_finished, read_cells
 
 SPACING = (1.2, 1.2, 2.5)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from aeval import metrics
+from aeval import surface
 from aeval.labels import AEVAL8_ORGANS, to_aeval8
-from aeval.metrics import normalized_surface_dice, score_case, scoring_rules, surfel_area_table
+from aeval.metrics import score_case, scoring_rules
+from aeval.surface import normalized_surface_dice, surfel_area_table
 
 sd = pytest.importorskip("surface_distance")
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real"
@@ -119,7 +120,7 @@ def test_random_masks_equal_the_package(kind, seed):
 @pytest.mark.parametrize("peel_min", [0, 10**9], ids=["dense-lookup-first", "tree-only"])
 @pytest.mark.parametrize("kind", ("shifted", "strays", "border"))
 def test_both_search_paths_equal_the_package(monkeypatch, kind, peel_min):
-    monkeypatch.setattr(metrics, "_PEEL_MIN_SURFELS", peel_min)
+    monkeypatch.setattr(surface, "_PEEL_MIN_SURFELS", peel_min)
     gt, pred, spacing, tolerance = _random_pair(7, kind)
     assert normalized_surface_dice(pred, gt, spacing, tolerance) == pytest.approx(
         reference_nsd(pred, gt, spacing, tolerance), abs=1e-6)
@@ -312,111 +313,3 @@ def test_real_amos_label_with_perturbations():
     gt = to_aeval8(np.asarray(img.dataobj), "amos")
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     _check_real(_perturb(gt, 1), gt, spacing)
-
-
-# --- the torchmetrics Metric -------------------------------------------------------------------------------------
-
-def _batches(seed=0, n=6):
-    rng = np.random.default_rng(seed)
-    gts, preds = [], []
-    for i in range(n):
-        field = ndimage.gaussian_filter(rng.random((16, 18, 12)), 2)
-        gt = np.digitize(field, np.quantile(field, [0.55, 0.7, 0.85])).astype(np.int64)  # labels 0..3
-        pred = np.roll(gt, int(rng.integers(-1, 2)), axis=0)
-        if i == 1:
-            gt[gt == 2], pred[pred == 2] = 0, 0  # organ 2 empty in both → 1
-        if i == 2:
-            gt[gt == 3] = 0  # organ 3 only predicted → 0
-        gts.append(gt)
-        preds.append(pred)
-    return np.stack(preds), np.stack(gts)
-
-
-def _expected_organ_means(preds, gts, organs, spacing, nsd):
-    out = {}
-    for i, organ in enumerate(organs, start=1):
-        dscs, nsds = [], []
-        for p, g in zip(preds == i, gts == i, strict=True):
-            if not g.any():
-                dscs.append(0.0 if p.any() else 1.0)
-                nsds.append(0.0 if p.any() else 1.0)
-            else:
-                dscs.append(reference_dsc(p, g))
-                nsds.append(reference_nsd(p, g, spacing, metrics.FLARE22_TOLERANCE_MM[organ]) if p.any() else 0.0)
-        out[organ] = (np.mean(dscs), np.mean(nsds) if nsd else None)
-    return out
-
-
-def test_organ_dice_metric_equals_per_case_means():
-    torch = pytest.importorskip("torch")
-    from aeval.metrics import OrganDice
-
-    organs = ("liver", "spleen", "pancreas")
-    preds, gts = _batches()
-    metric = OrganDice(organs=organs, nsd=True, spacing=(1.5, 0.8, 3.0))
-    for start in (0, 4):  # two updates; the second with class scores instead of labels
-        p = torch.from_numpy(preds[start:start + 4])
-        if start:
-            p = torch.nn.functional.one_hot(p, 4).permute(0, 4, 1, 2, 3).float()
-        metric.update(p, torch.from_numpy(gts[start:start + 4]))
-    result = metric.compute()
-    expected = _expected_organ_means(preds, gts, organs, (1.5, 0.8, 3.0), nsd=True)
-    for organ, (dsc, nsd) in expected.items():
-        assert result[f"dsc/{organ}"].item() == pytest.approx(dsc, abs=1e-9)
-        assert result[f"nsd/{organ}"].item() == pytest.approx(nsd, abs=1e-6)
-    assert result["dsc"].item() == pytest.approx(np.mean([v[0] for v in expected.values()]))
-
-
-def test_organ_dice_states_sum_across_processes():
-    torch = pytest.importorskip("torch")
-    from aeval.metrics import OrganDice
-
-    preds, gts = _batches(seed=3, n=5)
-    whole, first, second = (OrganDice(organs=("a", "b", "c")) for _ in range(3))
-    whole.update(torch.from_numpy(preds), torch.from_numpy(gts))
-    first.update(torch.from_numpy(preds[:2]), torch.from_numpy(gts[:2]))
-    second.update(torch.from_numpy(preds[2:]), torch.from_numpy(gts[2:]))
-    first.merge_state(second)  # what the DDP sync does with dist_reduce_fx="sum"
-    for key, value in whole.compute().items():
-        assert first.compute()[key].item() == pytest.approx(value.item(), abs=1e-12)
-
-
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    from aeval.metrics import OrganDice
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    preds, gts = _batches(seed=5, n=6)
-    metric = OrganDice(organs=("a", "b", "c"), nsd=True, tolerances_mm={"a": 2, "b": 2, "c": 2})
-    metric.update(torch.from_numpy(preds[rank::world]), torch.from_numpy(gts[rank::world]))
-    result = {k: v.item() for k, v in metric.compute().items()}
-    if rank == 0:
-        torch.save(result, out)
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_organ_dice_under_real_ddp(tmp_path):
-    torch = pytest.importorskip("torch")
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from aeval.metrics import OrganDice
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
-    preds, gts = _batches(seed=5, n=6)
-    single = OrganDice(organs=("a", "b", "c"), nsd=True, tolerances_mm={"a": 2, "b": 2, "c": 2})
-    single.update(torch.from_numpy(preds), torch.from_numpy(gts))
-    ddp = torch.load(out)
-    for key, value in single.compute().items():
-        assert ddp[key] == pytest.approx(value.item(), abs=1e-12)

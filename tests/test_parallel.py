@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
-from aeval.errors import CaseError
-from aeval.parallel import WORKER_DIED, CaseFailure, failures_of, map_cases
+from aeval.errors import CaseError, CaseFailure
+from aeval.parallel import WORKER_DIED, failures_of, map_cases
 
 
 def square_or_fail(n: int) -> int:

@@ -41,7 +41,7 @@ def test_target_spacing_is_the_per_axis_median():
     spacings = rng.uniform([0.6, 0.6, 0.8], [1.0, 1.0, 2.0], size=(9, 3))
     shapes = np.full((9, 3), 200)
     assert target_spacing(spacings, shapes) == pytest.approx(list(np.median(spacings, axis=0)))
-    plan = make_plan(_fingerprint(spacings, shapes))
+    plan = make_plan(_fingerprint(spacings, shapes)).to_dict()
     assert plan["target_spacing"] == pytest.approx(list(np.median(spacings, axis=0)))
     assert not plan["anisotropic"]
 
@@ -66,7 +66,7 @@ def test_anisotropic_low_res_axis_takes_the_10th_percentile():
                          [(("CT",), "ct"), (("MR",), "zscore"), (("CT", "MR"), "zscore"), (("CT", "CT"), "ct")])
 def test_normalisation_scheme_per_modality(modalities, scheme):
     fingerprint = _fingerprint([(1, 1, 1)] * 2, [(64, 64, 64)] * 2, modalities)
-    normalization = make_plan(fingerprint)["normalization"]
+    normalization = make_plan(fingerprint).normalization
     assert normalization["scheme"] == scheme
     if scheme == "ct":
         assert normalization["clip"] == [-50.0, 250.0]
@@ -141,9 +141,9 @@ def test_patch_size_from_the_voxel_budget():
     aniso, aniso_pools = fit_patch_size((0.8, 0.8, 5.0), (400, 400, 60), voxel_budget=128**3)
     assert np.prod(aniso) <= 128**3 and aniso[2] <= 64 and aniso[0] > aniso[2]
     assert aniso_pools[0][2] == 1  # the coarse axis waits
-    plan = make_plan(_fingerprint([(1, 1, 1)] * 3, [(300, 300, 300)] * 3), voxel_budget=64**3)
+    plan = make_plan(_fingerprint([(1, 1, 1)] * 3, [(300, 300, 300)] * 3), voxel_budget=64**3).to_dict()
     assert np.prod(plan["patch_size"]) <= 64**3
-    given = make_plan(_fingerprint([(1, 1, 1)] * 3, [(300, 300, 300)] * 3), patch_size=[100, 128, 128])
+    given = make_plan(_fingerprint([(1, 1, 1)] * 3, [(300, 300, 300)] * 3), patch_size=[100, 128, 128]).to_dict()
     # 100 takes 4 halvings (100/32 < 2*4), so it is rounded up to a multiple of 16
     assert given["patch_size"] == [112, 128, 128] and given["patch_size_requested"] == [100, 128, 128]
     assert [p[0] for p in given["pool_op_kernel_sizes"]] == [2, 2, 2, 2, 1]

@@ -23,9 +23,11 @@ from torch import nn
 from aeval.data.plan import divisible_patch, plan_hash
 from aeval.data.preprocess import ras_order, ras_transform
 from aeval.errors import CaseError, FailureLog
+from aeval.models.load import LoadedModel, load_model
 from aeval.models.stunet import build_stunet
 from aeval.module import STUNetModule
-from aeval.predict import LoadedModel, load_model, predict_files
+from aeval.plan import Plan
+from aeval.prediction import predict_files
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_KEY = {"protocol": "individual", "train": "flare22", "model": "stu_tiny", "run": "5eed5eed"}
@@ -174,7 +176,7 @@ def test_lightning_checkpoint_loads_with_its_plan_and_run_key(tmp_path):
 
     loaded = load_model(tmp_path / "best.ckpt")
 
-    assert loaded.plan == plan and loaded.run_key == RUN_KEY and loaded.label_system == "flare22"
+    assert loaded.plan == Plan.from_dict(plan) and loaded.run_key == RUN_KEY and loaded.label_system == "flare22"
     mine, theirs = loaded.net.state_dict(), module.net.state_dict()
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -35,6 +35,7 @@ from aeval.data.preprocess import (
 )
 from aeval.errors import FailureLog
 from aeval.labels import remap
+from aeval.plan import Plan
 
 # --- a tiny unified dataset writer (shared with test_plan / test_datamodule) ----------------------------
 
@@ -300,7 +301,7 @@ def test_corrupt_cache_file_is_rebuilt_for_that_case(tmp_path):
     assert _mtimes(cache)["ds_000.npy"] == before["ds_000.npy"]
     # the loader-side repair does the same from the manifest
     (cache / "ds_002.json").write_text("{not json")
-    props = load_or_rebuild_case(cache, "ds_002", plan)
+    props = load_or_rebuild_case(cache, "ds_002", Plan.from_dict(plan))
     assert props["case"] == "ds_002" and cached_properties(cache, "ds_002", plan["hash"]) is not None
 
 
@@ -317,7 +318,7 @@ def test_labels_outside_the_label_system_are_named(tmp_path):
     assert len(err.value.failures) == 1
     cache = plan_path.parent / "ds"
     assert (cache / "ds_000.json").exists() and not (cache / "ds_001.json").exists()  # others carried on
-    log = FailureLog(printer=lambda _line: None)
+    log = FailureLog(quiet=True)
     preprocess_dataset(dataset_dir, plan_path, failures=log)
     assert log.exit_code() != 0 and "ds_001" in log.failures[0]
 

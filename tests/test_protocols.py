@@ -18,15 +18,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from aeval.data.plan import plan_hash
+from aeval.data.prepare import prepare
 from aeval.data.preprocess import preprocess_image
 from aeval.data.synthetic import generate_mini
 from aeval.errors import FailureLog
 from aeval.labels import flare22_sets, get_system, remap
+from aeval.models.load import LoadedModel, load_model
 from aeval.models.stunet import build_stunet
 from aeval.nifti import read_label
 from aeval.orchestration.grid import GridRow, grid_rows, report_runs, report_spec, row_config, row_key, run_grid
-from aeval.predict import LoadedModel, load_model, make_predictor, predict_files
-from aeval.prepare import prepare
+from aeval.prediction import make_predictor, predict_files
 from aeval.protocols import rounds as rounds_module
 from aeval.protocols.pseudo_label import case_confidence, complete_labels, write_pseudo_labels
 from aeval.protocols.rounds import ROUND_MARKER, RoundRunner

@@ -23,20 +23,21 @@ from test_preprocess import write_unified_dataset
 
 import aeval.data.convert as convert_module
 import aeval.results as results_module
-import aeval.score as score_module
+import aeval.scoring as score_module
 from aeval.data.convert import convert_dataset
 from aeval.data.plan import fingerprint_datasets
+from aeval.data.prepare import prepare
 from aeval.data.registry import DatasetSpec
 from aeval.errors import CaseError, FailureLog
 from aeval.fit import resume_checkpoint, train
 from aeval.keys import CellKey
+from aeval.models.load import load_model
 from aeval.models.stunet import build_stunet
 from aeval.parallel import WORKER_DIED
-from aeval.predict import list_inputs, load_model
-from aeval.prepare import prepare
-from aeval.report import build_report
+from aeval.prediction import list_inputs
+from aeval.reporting.build import build_report
 from aeval.results import cell_finished, read_cells, write_cell
-from aeval.score import score_folder
+from aeval.scoring import score_folder
 from aeval.tracking import ensure_wandb_mode
 from aeval.validate import ConfigError, check_output_folder, check_train_config
 
@@ -119,9 +120,9 @@ def test_score_survives_a_killed_worker(tmp_path, monkeypatch):
     pred_dir, gt_dir = _score_folders(tmp_path)
     monkeypatch.setattr(score_module, "_score_pair", _score_pair_killing_case_1)  # inherited by forked workers
     result = score_folder(pred_dir, gt_dir, "aeval8", "aeval8", out_dir=tmp_path / "out", num_workers=2,
-                          progress=False, printer=lambda line: None)
+                          progress=False, quiet=True)
     assert sorted({r["case"] for r in result.rows}) == ["case_000", "case_002", "case_003"]
-    assert result.failures == [f"{pred_dir / 'case_001.nii.gz'}: {WORKER_DIED}"]
+    assert [str(f) for f in result.failures] == [f"{pred_dir / 'case_001.nii.gz'}: {WORKER_DIED}"]
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     assert (summary["n_cases"], summary["n_failed"], summary["n_expected"]) == (3, 1, 4)
     assert summary["mean_dsc"] == 1.0
@@ -139,7 +140,7 @@ def test_a_failed_label_write_leaves_no_image_behind(tmp_path, monkeypatch):
         copy(source, target)
 
     monkeypatch.setattr(convert_module, "_copy_atomic", disk_full_on_one_label)
-    failures = FailureLog(printer=lambda line: None)
+    failures = FailureLog(quiet=True)
     summary = convert_dataset(DatasetSpec.from_config(dataset_config("flare22", raw)), tmp_path / "u",
                               failures=failures)
     assert sorted(c.case for c in summary.cases) == ["FLARE22_Tr_0001", "FLARE22_Ts_0001"]
@@ -200,8 +201,9 @@ def test_a_truncated_last_ckpt_is_set_aside_and_the_newest_readable_one_resumes(
 
 
 def _tiny_plan() -> dict:
-    return {"hash": "x", "datasets": ["flare22"], "target_spacing": [1.0, 1.0, 1.0],
-            "normalization": {"scheme": "zscore"}, "patch_size": [16, 16, 16], "pool_op_kernel_sizes": [[2, 2, 2]] * 5}
+    return {"hash": "x", "datasets": [{"name": "flare22", "modality": "CT", "label_system": "flare22"}],
+            "target_spacing": [1.0, 1.0, 1.0], "normalization": {"scheme": "zscore"}, "patch_size": [16, 16, 16],
+            "pool_op_kernel_sizes": [[2, 2, 2]] * 5}
 
 
 def _lightning_checkpoint(path: Path, weights: dict) -> Path:
@@ -279,7 +281,7 @@ def test_upper_case_suffixes_are_scored_and_predicted(tmp_path):
     pred_dir, gt_dir = _score_folders(tmp_path, n=2)
     for path in pred_dir.iterdir():
         path.rename(path.with_name(path.name.replace(".nii.gz", ".NII.GZ")))
-    result = score_folder(pred_dir, gt_dir, "aeval8", "aeval8", progress=False, printer=lambda line: None)
+    result = score_folder(pred_dir, gt_dir, "aeval8", "aeval8", progress=False, quiet=True)
     assert result.failures == [] and result.summary["n_cases"] == 2
     assert [p.name for p in list_inputs(pred_dir)] == ["case_000.NII.GZ", "case_001.NII.GZ"]
 
@@ -287,11 +289,11 @@ def test_upper_case_suffixes_are_scored_and_predicted(tmp_path):
 def test_two_files_of_one_case_are_one_line_and_that_case_fails(tmp_path):
     pred_dir, gt_dir = _score_folders(tmp_path, n=3)
     write_nifti(pred_dir / "case_001_0000.nii.gz", np.zeros((10, 10, 6), np.uint8), AFFINE)
-    result = score_folder(pred_dir, gt_dir, "aeval8", "aeval8", progress=False, printer=lambda line: None)
+    result = score_folder(pred_dir, gt_dir, "aeval8", "aeval8", progress=False, quiet=True)
     assert sorted({r["case"] for r in result.rows}) == ["case_000", "case_002"]
-    assert result.failures == [f"{pred_dir / 'case_001.nii.gz'}: case 'case_001' has 2 files: case_001.nii.gz, "
-                               "case_001_0000.nii.gz; keep one"]
-    failures = FailureLog(printer=lambda line: None)
+    assert [str(f) for f in result.failures] == [f"{pred_dir / 'case_001.nii.gz'}: case 'case_001' has 2 files: "
+                                                 "case_001.nii.gz, case_001_0000.nii.gz; keep one"]
+    failures = FailureLog(quiet=True)
     assert [p.name for p in list_inputs(pred_dir, failures)] == ["case_000.nii.gz", "case_002.nii.gz"]
     assert len(failures.failures) == 1
     with pytest.raises(CaseError, match="has 2 files"):

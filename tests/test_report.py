@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from aeval.keys import CellKey
-from aeval.report import build_report, read_cells_csv
+from aeval.reporting.build import build_report
+from aeval.reporting.cells import read_cells_csv
 from aeval.results import cell_dir, read_cells, write_cell
 
 ROOT = Path(__file__).resolve().parents[1]

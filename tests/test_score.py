@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_dir
 
 from aeval.labels import AEVAL8_ORGANS, get_system, remap
 from aeval.metrics import score_case
-from aeval.score import case_name, score_folder, score_pair
+from aeval.nifti import nifti_case_name as case_name
+from aeval.scoring import score_folder, score_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACING = (0.8, 0.9, 2.5)
@@ -141,21 +142,20 @@ def _add_bad_cases(pred_dir: Path, gt_dir: Path) -> dict[str, str]:
             "case_006": "affine does not match", "case_007": "not labels of system 'amos'"}
 
 
-def test_bad_inputs_are_listed_and_the_rest_scored(folders, tmp_path):
+def test_bad_inputs_are_listed_and_the_rest_scored(folders, tmp_path, caplog):
     pred_dir, gt_dir = folders
     expected = _add_bad_cases(pred_dir, gt_dir)
-    printed = []
-    result = score_folder(pred_dir, gt_dir, "amos", "flare22", out_dir=tmp_path / "out", progress=False,
-                          printer=printed.append)
+    with caplog.at_level("INFO"):
+        result = score_folder(pred_dir, gt_dir, "amos", "flare22", out_dir=tmp_path / "out", progress=False)
     assert result.exit_code == 2
     assert len(result.failures) == 6
     for case, piece in expected.items():
-        line = next(f for f in result.failures if case in f)
+        line = next(str(f) for f in result.failures if case in f.path)
         assert piece in line and "\n" not in line
     assert {r["case"] for r in result.rows} == {"case_000", "case_001", "case_002"}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["n_cases"] == 3 and summary["n_failed"] == 6 and len(summary["failures"]) == 6
-    assert sum(line.startswith("[error]") for line in printed) == 6
+    assert sum(r.levelname == "ERROR" for r in caplog.records) == 6  # one logged line per failed case
 
 
 def test_cli_exit_code_and_outputs(folders, tmp_path):
@@ -224,4 +224,4 @@ def test_totalsegmentator_mask_folders_score_like_their_multilabel_file(tmp_path
 
     _save(np.zeros((36, 32, 21), np.uint8), folder_dir / "case_1" / "liver.nii.gz")
     broken = score_folder(folder_dir, gt_dir, "totalseg_v2", "flare22", progress=False)
-    assert len(broken.failures) == 1 and "case_1/liver.nii.gz: shape" in broken.failures[0]
+    assert len(broken.failures) == 1 and "case_1/liver.nii.gz: shape" in str(broken.failures[0])

@@ -12,7 +12,7 @@ import torch
 
 from aeval.errors import CaseError
 from aeval.models import STUNet, build_stunet, load_pretrained
-from aeval.models.stunet import forward_cost, main, summarize
+from aeval.models.stunet import forward_cost, summarize
 
 # Published by the STU-Net authors (1 input channel, 105 TotalSegmentator classes).
 PUBLISHED_PARAMS = {"s": 14_596_941, "b": 58_262_669, "l": 440_302_605, "h": 1_457_326_221}
@@ -114,14 +114,16 @@ def test_activation_estimate_by_hand():
     assert forward_cost(model, (4, 4, 4), batch=3)["activation_bytes"] == pytest.approx(3 * got)
 
 
-def test_summary_cli(capsys):
-    main(["size=s", "patch=128,128,128"])
+def test_cost_script(capsys):
+    cost = load_script("stunet_cost")
+    cost.main(["--size", "s", "--patch", "128", "128", "128"])
     out = capsys.readouterr().out
     assert "14,596,941" in out and "forward MACs      0.129 T" in out
-    with pytest.raises(SystemExit, match="unknown argument"):
-        main(["sise=s"])
-    with pytest.raises(SystemExit, match=r"error: input spatial shape \(100, 100, 100\) is not divisible"):
-        main(["size=s", "patch=100,100,100"])
+    with pytest.raises(SystemExit):
+        cost.main(["--sise", "s"])
+    with pytest.raises(SystemExit):
+        cost.main(["--size", "s", "--patch", "100", "100", "100"])
+    assert "is not divisible" in capsys.readouterr().err
 
 
 def expected_shapes(patch, pools):
@@ -362,3 +364,11 @@ def test_nnunet_weights_for_fine_tuning_warn_that_axes_are_not_converted(tmp_pat
     with caplog.at_level(logging.WARNING, logger="aeval.models.pretrained"):
         load_pretrained(build_stunet("tiny", 1, 14), tmp_path / "checkpoint_final.pth", for_training=False)
     assert "not converted" not in caplog.text
+
+
+def test_size_names_are_the_configs():
+    """``aeval.keys.MODEL_SIZES`` (what configs are checked against, without importing torch) lists every size."""
+    from aeval.keys import MODEL_SIZES
+    from aeval.models.stunet import STUNET_SIZES
+
+    assert tuple(STUNET_SIZES) == MODEL_SIZES

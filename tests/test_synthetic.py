@@ -367,16 +367,17 @@ def test_size_scale_changes_resolution_not_anatomy(tmp_path):
     assert volumes[0] == pytest.approx(volumes[1], rel=0.2)  # same liver in mm^3 at either resolution
 
 
-def test_command_line_and_overview(tmp_path, capsys):
+def test_small_mini_and_its_overview(tmp_path):
     out = tmp_path / "raw"
-    argv = [f"out={out}", "seed=2", "size_scale=0.5", f"overview={tmp_path / 'overview.png'}"]
-    argv += [f"cases.{d}.{s}=0" for d, splits in S.DEFAULT_CASES.items() for s in splits]
-    argv += ["cases.flare22.train=1", "cases.amos_mr.train=1", "cases.totalseg.train=3"]
-    assert S.main(argv) == 0
-    assert "wrote" in capsys.readouterr().out
+    cases = {d: {s: 0 for s in splits} for d, splits in S.DEFAULT_CASES.items()}
+    cases["flare22"]["train"] = cases["amos_mr"]["train"] = 1
+    cases["totalseg"]["train"] = 3
+    summary = S.generate_mini(out, {"seed": 2, "size_scale": 0.5, "cases": cases})
+    assert summary["cases"]["flare22"] == {"train": 1}
     assert (out / "FLARE22/Training/FLARE22_LabeledCase50/labels/FLARE22_Tr_0001.nii.gz").is_file()
     import matplotlib.image
 
-    png = matplotlib.image.imread(tmp_path / "overview.png")
+    png = matplotlib.image.imread(S.render_overview(out, tmp_path / "overview.png"))
     assert png.shape[1] > png.shape[0] > 200 and png[..., :3].std() > 0.05
-    assert S.main(["seed=1"]) == 2 and S.main([f"out={out}", "cases.msd.train=1"]) == 2
+    with pytest.raises(ValueError):
+        S.generate_mini(out, {"cases": {"msd": {"train": 1}}})

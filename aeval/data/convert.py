@@ -1,11 +1,6 @@
 """Convert a raw download (official layout) into the unified layout every later stage reads.
 
-Unified layout, nnU-Net v2 raw style, at ``{data_root}/{name}/``::
-
-    imagesTr/{case}_0000.nii.gz   labelsTr/{case}.nii.gz     (training split)
-    imagesTs/{case}_0000.nii.gz   labelsTs/{case}.nii.gz     (test split: A-Eval's validation sets)
-    dataset.json   {"name", "modality", "label_system", "channel_names", "labels", "numTraining", "numTest", ...}
-    splits.json    {"train": [...], "test": [...]}
+The unified layout (nnU-Net v2 raw style, at ``{data_root}/{name}/``) is :mod:`aeval.dataset`'s.
 
 Labels keep their native numbering (the label system is recorded in dataset.json) and images are copied
 byte for byte, so geometry and header stay untouched. TotalSegmentator's per-structure masks are merged
@@ -32,7 +27,8 @@ import numpy as np
 from scipy import ndimage
 
 from aeval.data.registry import DatasetSpec, RawCase
-from aeval.errors import CaseError, FailureLog
+from aeval.dataset import SPLITS, UnifiedDataset
+from aeval.errors import CaseError, CaseFailure, FailureLog
 from aeval.labels import get_system
 from aeval.nifti import (
     atomic_path,
@@ -46,14 +42,15 @@ from aeval.nifti import (
     spacing_of,
     write_text_atomic,
 )
-from aeval.parallel import CaseFailure, map_cases
+from aeval.parallel import map_cases
 
-SPLIT_FOLDERS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
 MANIFEST = ".converted.json"
 
 
 @dataclass
 class ConvertedCase:
+    """One case written into the unified layout: its split, geometry and the labels present."""
+
     case: str
     split: str
     spacing: tuple[float, float, float]
@@ -65,6 +62,8 @@ class ConvertedCase:
 
 @dataclass
 class ConversionSummary:
+    """What one dataset's conversion did: the cases written or kept, and the failures."""
+
     name: str
     modality: str
     label_system: str
@@ -147,7 +146,6 @@ def split_word_adrenals(labels: np.ndarray, affine: np.ndarray, image: np.ndarra
 
 def convert_case(raw: RawCase, spec: DatasetSpec, out_dir: Path) -> ConvertedCase:
     """Validate one raw case and write it into the unified layout (atomically). Raises CaseError."""
-    image_folder, label_folder = SPLIT_FOLDERS[raw.split]
     data, image = read_image(raw.image)
     present: list[int] = []
     if raw.label is not None:
@@ -165,8 +163,8 @@ def convert_case(raw: RawCase, spec: DatasetSpec, out_dir: Path) -> ConvertedCas
         except ValueError as err:
             raise CaseError(raw.label, str(err).split(": ", 1)[1]) from None
         present = [int(v) for v in np.unique(labels) if v]
-    image_out = out_dir / image_folder / f"{raw.case}_0000.nii.gz"
-    label_out = out_dir / label_folder / f"{raw.case}.nii.gz"
+    image_out = UnifiedDataset(out_dir).image(raw.case, raw.split)
+    label_out = UnifiedDataset(out_dir).label(raw.case, raw.split)
     try:  # image first, label last: a case is complete or absent (a label alone would look labelled)
         _copy_atomic(raw.image, image_out)
         if raw.label is not None:
@@ -208,6 +206,7 @@ def convert_dataset(spec: DatasetSpec, data_root: Path, *, num_workers: int = 1,
     manifest_path = out_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     todo, done = [], {}
+    unified = UnifiedDataset(out_dir)
     found = spec.find_cases()
     for split in spec.splits:  # a configured split that finds nothing is a wrong layout, not an empty split
         if not any(raw.split == split for raw in found):
@@ -216,16 +215,15 @@ def convert_dataset(spec: DatasetSpec, data_root: Path, *, num_workers: int = 1,
             summary.failed.append(f"{spec.raw_dir}: {problem}")
     for raw in found:
         previous = manifest.get(raw.case)
-        image_folder, label_folder = SPLIT_FOLDERS[raw.split]
-        outputs_exist = (out_dir / image_folder / f"{raw.case}_0000.nii.gz").exists() and (
-            raw.label is None or (out_dir / label_folder / f"{raw.case}.nii.gz").exists())
+        outputs_exist = unified.image(raw.case, raw.split).exists() and (
+            raw.label is None or unified.label(raw.case, raw.split).exists())
         if previous and outputs_exist and previous["source_key"] == _source_key(raw) and previous["split"] == raw.split:
             done[raw.case] = ConvertedCase(**{**previous, "spacing": tuple(previous["spacing"]),
                                               "shape": tuple(previous["shape"])})
             summary.skipped += 1
         else:
             todo.append(raw)
-    for folder in ["", *(f for pair in SPLIT_FOLDERS.values() for f in pair)]:
+    for folder in ["", *(f for pair in SPLITS.values() for f in pair)]:
         remove_stale_temporaries(out_dir / folder)  # left by a run that was killed while writing
     results = map_cases(_convert_one, [(raw, spec, out_dir) for raw in todo], num_workers=num_workers,
                         path_of=lambda job: job[0].image, description=f"convert {spec.name}", progress=progress)
@@ -244,19 +242,7 @@ def convert_dataset(spec: DatasetSpec, data_root: Path, *, num_workers: int = 1,
 
 
 def _write_metadata(spec: DatasetSpec, out_dir: Path, summary: ConversionSummary) -> None:
-    system = get_system(spec.label_system)
-    splits = {split: [c.case for c in summary.cases if c.split == split] for split in SPLIT_FOLDERS}
-    dataset = {
-        "name": spec.name,
-        "description": f"{spec.name} converted by aeval from {spec.raw_dir}",
-        "modality": spec.modality,
-        "label_system": spec.label_system,
-        "channel_names": {"0": spec.modality},
-        "labels": {"background": 0, **{name: i for i, name in sorted(system.names.items())}},
-        "numTraining": len(splits["train"]),
-        "numTest": len(splits["test"]),
-        "labelled": spec.has_labels(),
-        "file_ending": ".nii.gz",
-    }
-    write_text_atomic(out_dir / "dataset.json", json.dumps(dataset, indent=2))
-    write_text_atomic(out_dir / "splits.json", json.dumps(splits, indent=2))
+    splits = {split: [c.case for c in summary.cases if c.split == split] for split in SPLITS}
+    UnifiedDataset(out_dir).write_metadata(splits, name=spec.name, modality=spec.modality,
+                                           description=f"{spec.name} converted by aeval from {spec.raw_dir}",
+                                           label_system=spec.label_system, labelled=spec.has_labels())

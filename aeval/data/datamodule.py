@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from aeval.data.augment import PatchAugmenter, augmentation_config, extract_patch
 from aeval.data.preprocess import CACHE_MANIFEST, NUM_CLASSES, codes_to_classes, load_or_rebuild_case
 from aeval.labels import annotated_classes
+from aeval.plan import Plan
 
 _OPEN_CASES = 32  # per dataset object: memory maps and class locations kept for this many recent cases
 
@@ -225,7 +226,7 @@ def split_cases(keys_by_dataset: dict[str, list[str]], val_cases: float | int | 
 class AEvalDataModule(L.LightningDataModule):
     """Training and validation patches from preprocessing caches built with ``plan``."""
 
-    def __init__(self, cache_dirs: Sequence[str | Path], plan: dict[str, Any], batch_size: int = 2,
+    def __init__(self, cache_dirs: Sequence[str | Path], plan: Plan | Mapping[str, Any], batch_size: int = 2,
                  iterations_per_epoch: int = 250, val_cases: float | int | Sequence[str] = 0.2,
                  num_workers: int = 0, oversample_foreground: float = 0.33,
                  augment: bool | dict[str, Any] = True, deep_supervision: bool = True,
@@ -233,18 +234,18 @@ class AEvalDataModule(L.LightningDataModule):
                  patch_size: Sequence[int] | None = None):
         super().__init__()
         self.cache_dirs = [Path(d) for d in cache_dirs]
-        self.plan = plan
+        self.plan = plan = Plan.from_dict(plan)
         self.batch_size = int(batch_size)
         self.iterations_per_epoch = int(iterations_per_epoch)
         self.holdout = val_cases
         self.num_workers = int(num_workers)
         self.oversample_foreground = float(oversample_foreground)
         self.augmentation = augmentation_config(augment)
-        self.strides = deep_supervision_strides(plan["pool_op_kernel_sizes"]) if deep_supervision else None
+        self.strides = deep_supervision_strides(plan.pool_op_kernel_sizes) if deep_supervision else None
         self.val_patches_per_case = int(val_patches_per_case)
         self.target_codes = target_codes
         self.seed = int(seed)
-        self.patch_size = [int(n) for n in (patch_size or plan["patch_size"])]
+        self.patch_size = [int(n) for n in (patch_size or plan.patch_size)]
         self.train_cases: list[CachedCase] = []
         self.val_cases: list[CachedCase] = []
 
@@ -255,9 +256,9 @@ class AEvalDataModule(L.LightningDataModule):
             if not manifest_path.exists():
                 raise FileNotFoundError(f"{cache_dir}: no {CACHE_MANIFEST} (run preprocessing first)")
             manifest = json.loads(manifest_path.read_text())
-            if manifest["plan_hash"] != self.plan["hash"]:
+            if manifest["plan_hash"] != self.plan.hash:
                 raise ValueError(f"{cache_dir}: cache was built for plan {manifest['plan_hash']}, not "
-                                 f"{self.plan['hash']}; re-run preprocessing")
+                                 f"{self.plan.hash}; re-run preprocessing")
             annotated = annotated_classes(manifest["label_system"]) | {0}
             for case in manifest["labelled_cases"]:
                 properties = load_or_rebuild_case(cache_dir, case, self.plan)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import zlib
 from collections.abc import Sequence
@@ -41,6 +42,9 @@ from aeval.nifti import (
     write_text_atomic,
 )
 from aeval.parallel import failures_of, map_cases
+from aeval.plan import Plan
+
+log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 VOXEL_BUDGET = 128**3          # voxels per patch: STU-Net's 128^3 (the published models' patch)
@@ -129,7 +133,7 @@ def fingerprint_datasets(dataset_dirs: list[Path], *, num_workers: int = 1,
             for d, c, m, _, _ in jobs]
     results = map_cases(_fingerprint_case, jobs, num_workers=num_workers, context="spawn",
                         path_of=lambda job: case_files(job[0], job[1])[0], description="fingerprint")
-    failures = FailureLog(printer=lambda _line: None)
+    failures = FailureLog(quiet=True)
     for result in failures_of(results):
         failures.add(result.as_error())
     if failures.failures:
@@ -257,7 +261,7 @@ def plan_hash(plan: dict[str, Any]) -> str:
 def make_plan(fingerprint: dict[str, Any], *, patch_size: Sequence[int] | None = None,
               voxel_budget: int = VOXEL_BUDGET, num_pools: int = NUM_POOLS,
               min_bottleneck: int = MIN_BOTTLENECK, anisotropy_threshold: float = ANISOTROPY_THRESHOLD,
-              target_spacing_override: Sequence[float] | None = None) -> dict[str, Any]:
+              target_spacing_override: Sequence[float] | None = None) -> Plan:
     """The plan for a fingerprint (one dataset or the union of several). Axis order is RAS throughout.
 
     ``patch_size`` fixes the patch (rounded up to be divisible by its pools); otherwise it is searched
@@ -298,7 +302,7 @@ def make_plan(fingerprint: dict[str, Any], *, patch_size: Sequence[int] | None =
         "conv_kernel_sizes": [[3, 3, 3]] * (num_pools + 1),
     }
     plan["hash"] = plan_hash(plan)
-    return plan
+    return Plan.from_dict(plan)
 
 
 def plan_datasets(names: list[str], data_root: str | os.PathLike, preprocessed_root: str | os.PathLike,
@@ -326,8 +330,8 @@ def plan_datasets(names: list[str], data_root: str | os.PathLike, preprocessed_r
     plan = make_plan(fingerprint, **overrides)
     plans_path = plan_dir / "plans.json"
     previous = json.loads(plans_path.read_text()) if plans_path.exists() else {}
-    if previous.get("hash") != plan["hash"]:
-        write_text_atomic(plans_path, json.dumps(plan, indent=1))
-    print(f"plan {plan_dir.name}: spacing {plan['target_spacing']}, patch {plan['patch_size']}, "
-          f"normalisation {plan['normalization']['scheme']} -> {plans_path}", flush=True)
+    if previous.get("hash") != plan.hash:
+        write_text_atomic(plans_path, plan.to_json())
+    log.info("plan %s: spacing %s, patch %s, normalisation %s -> %s", plan_dir.name, list(plan.target_spacing),
+             list(plan.patch_size), plan.normalization["scheme"], plans_path)
     return plan_dir

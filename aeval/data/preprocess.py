@@ -26,9 +26,10 @@ Cache layout (``preprocess_dataset``): ``{case}.npy`` image float32 (1,X,Y,Z), `
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ from nibabel import orientations
 from rich.progress import Progress
 from scipy import ndimage
 
-from aeval.errors import CaseError, FailureLog
+from aeval.dataset import UnifiedDataset
+from aeval.errors import EXPECTED_CASE_ERRORS, CaseError, CaseFailure, FailureLog
 from aeval.labels import COMPOSITE_ORGANS, FLARE22_ORGANS, flare22_sets, get_system
 from aeval.nifti import (
     atomic_path,
@@ -53,11 +55,13 @@ from aeval.nifti import (
     spacing_of,
     write_text_atomic,
 )
-from aeval.parallel import EXPECTED_CASE_ERRORS, CaseFailure, failures_of, map_cases
+from aeval.parallel import failures_of, map_cases
+from aeval.plan import CT_BODY_THRESHOLD, Plan
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = len(FLARE22_ORGANS) + 1
 ANISOTROPY_THRESHOLD = 3.0
-CT_BODY_THRESHOLD = -500.0
 CACHE_ERRORS = (*EXPECTED_CASE_ERRORS, RuntimeError)  # torch's resampling raises RuntimeError on odd shapes
 CLASS_LOCATION_SAMPLES = 1000
 CACHE_MANIFEST = "cache.json"
@@ -140,10 +144,12 @@ def ras_transform(affine: np.ndarray) -> np.ndarray:
 
 
 def to_ras(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """The array in RAS axis order (``ras_transform``'s flips and transposes)."""
     return orientations.apply_orientation(array, np.asarray(transform))
 
 
 def from_ras(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_ras`: back to the file's own axis order."""
     back = orientations.ornt_transform(_RAS, np.asarray(transform))
     return np.ascontiguousarray(orientations.apply_orientation(array, back))
 
@@ -185,6 +191,7 @@ def separate_z_axis(spacing: Sequence[float], target_spacing: Sequence[float]) -
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
+    """The shape at ``target`` spacing (nnU-Net's rounding)."""
     return [max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target, strict=True)]
 
 
@@ -296,30 +303,30 @@ def normalise(image: np.ndarray, normalization: dict[str, Any]) -> tuple[np.ndar
 
 # --- forward -------------------------------------------------------------------------------------------
 
-def _image_modality(plan: dict[str, Any], modality: str | None) -> str:
+def _image_modality(plan: Plan, modality: str | None) -> str:
     if modality is not None:
         return modality
-    modalities = {d["modality"] for d in plan["datasets"]}
+    modalities = plan.modalities
     return modalities.pop() if len(modalities) == 1 else "mixed"
 
 
-def _forward(data: np.ndarray, img: nib.Nifti1Image, plan: dict[str, Any], modality: str | None,
+def _forward(data: np.ndarray, img: nib.Nifti1Image, plan: Plan, modality: str | None,
              labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     transform = ras_transform(img.affine)
     spacing = spacing_of(img)
     ras_spacing = [float(s) for s in ras_order(spacing, transform)]
     data = to_ras(data, transform)
     modality = _image_modality(plan, modality)
-    bbox = crop_bbox(data, modality, plan.get("crop", {}).get("ct_threshold", CT_BODY_THRESHOLD))
+    bbox = crop_bbox(data, modality, plan.ct_threshold)
     box = tuple(slice(lo, hi) for lo, hi in bbox)
     cropped = data[box]
-    normalised, stats = normalise(cropped, plan["normalization"])
-    target = [float(s) for s in plan["target_spacing"]]
+    normalised, stats = normalise(cropped, plan.normalization)
+    target = list(plan.target_spacing)
     new_shape = resampled_shape(cropped.shape, ras_spacing, target)
     z_axis = separate_z_axis(ras_spacing, target)
     image = resample_image(normalised, new_shape, z_axis)[None]
     properties = {
-        "plan_hash": plan["hash"],
+        "plan_hash": plan.hash,
         "modality": modality,
         "original": {"shape": [int(n) for n in img.shape[:3]], "affine": np.asarray(img.affine).tolist(),
                      "spacing": [float(s) for s in spacing],
@@ -332,7 +339,7 @@ def _forward(data: np.ndarray, img: nib.Nifti1Image, plan: dict[str, Any], modal
         "target_spacing": target,
         "shape_after_resample": [int(n) for n in new_shape],
         "z_axis": z_axis,
-        "normalization": {"scheme": plan["normalization"]["scheme"], **stats},
+        "normalization": {"scheme": plan.normalization["scheme"], **stats},
     }
     seg = None
     if labels is not None:
@@ -343,7 +350,7 @@ def _forward(data: np.ndarray, img: nib.Nifti1Image, plan: dict[str, Any], modal
     return image, seg, properties
 
 
-def preprocess_image(image: nib.Nifti1Image | str | os.PathLike, plan: dict[str, Any],
+def preprocess_image(image: nib.Nifti1Image | str | os.PathLike, plan: Plan | Mapping[str, Any],
                      modality: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One image -> float32 (1,X,Y,Z) in the plan's space, and the properties that undo it.
 
@@ -353,7 +360,7 @@ def preprocess_image(image: nib.Nifti1Image | str | os.PathLike, plan: dict[str,
     data = read_array(img, path, np.float32)
     if not np.isfinite(data).all():
         raise CaseError(path, "image contains NaN or infinite intensities")
-    array, _, properties = _forward(data, img, plan, modality)
+    array, _, properties = _forward(data, img, Plan.from_dict(plan), modality)
     return array, properties
 
 
@@ -370,7 +377,8 @@ def _class_locations(seg: np.ndarray, seed: int) -> dict[str, list[int]]:
     return locations
 
 
-def preprocess_case(image_path: str | os.PathLike, label_path: str | os.PathLike | None, plan: dict[str, Any],
+def preprocess_case(image_path: str | os.PathLike, label_path: str | os.PathLike | None,
+                    plan: Plan | Mapping[str, Any],
                     label_system: str, modality: str | None = None
                     ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Image and (optional) label map of one case -> image float32 (1,X,Y,Z), FLARE22 codes uint8 (1,X,Y,Z),
@@ -387,7 +395,7 @@ def preprocess_case(image_path: str | os.PathLike, label_path: str | os.PathLike
             codes = to_codes(labels, label_system)
         except ValueError as err:
             raise CaseError(label_path, str(err)) from None
-    image, seg, properties = _forward(data, img, plan, modality, codes)
+    image, seg, properties = _forward(data, img, Plan.from_dict(plan), modality, codes)
     properties["label_system"] = label_system
     properties["label_sets"] = {str(c): sorted(s) for c, s in LABEL_SETS.items() if c >= NUM_CLASSES}
     if seg is not None:
@@ -491,12 +499,11 @@ def cached_properties(cache_dir: Path, case: str, plan_hash: str,
 
 
 def case_files(dataset_dir: Path, case: str) -> tuple[Path, Path | None]:
-    image = dataset_dir / "imagesTr" / f"{case}_0000.nii.gz"
-    label = dataset_dir / "labelsTr" / f"{case}.nii.gz"
-    return image, (label if label.exists() else None)
+    """A training case's image and label (None when unlabelled)."""
+    return UnifiedDataset(dataset_dir).case_files(case)
 
 
-def cache_case(dataset_dir: Path, case: str, plan: dict[str, Any], cache_dir: Path,
+def cache_case(dataset_dir: Path, case: str, plan: Plan, cache_dir: Path,
                dataset: dict[str, Any]) -> dict[str, Any]:
     """Preprocess one training case of a unified dataset into ``cache_dir`` (properties JSON written last,
     after the old one is removed, so a half-written case never looks valid)."""
@@ -516,10 +523,10 @@ def cache_case(dataset_dir: Path, case: str, plan: dict[str, Any], cache_dir: Pa
     return properties
 
 
-def load_or_rebuild_case(cache_dir: Path, case: str, plan: dict[str, Any]) -> dict[str, Any]:
+def load_or_rebuild_case(cache_dir: Path, case: str, plan: Plan) -> dict[str, Any]:
     """Properties of a cached case; a missing, corrupt or stale case is rebuilt from the source dataset
     recorded in the cache manifest."""
-    properties = cached_properties(cache_dir, case, plan["hash"])
+    properties = cached_properties(cache_dir, case, plan.hash)
     if properties is not None:
         return properties
     manifest = json.loads((cache_dir / CACHE_MANIFEST).read_text())
@@ -527,18 +534,15 @@ def load_or_rebuild_case(cache_dir: Path, case: str, plan: dict[str, Any]) -> di
     return cache_case(Path(manifest["dataset_dir"]), case, plan, cache_dir, dataset)
 
 
-def _cache_job(job: tuple[Path, str, dict, Path, dict]) -> str:
+def _cache_job(job: tuple[Path, str, Plan, Path, dict]) -> str:
     dataset_dir, case, plan, cache_dir, dataset = job
     cache_case(dataset_dir, case, plan, cache_dir, dataset)
     return case
 
 
 def training_cases(dataset_dir: Path) -> list[str]:
-    splits = dataset_dir / "splits.json"
-    if splits.exists():
-        return list(json.loads(splits.read_text()).get("train", []))
-    images = (dataset_dir / "imagesTr").glob("*_0000.nii.gz")
-    return sorted(p.name.removesuffix("_0000.nii.gz") for p in images)
+    """The training split of a unified dataset."""
+    return UnifiedDataset(dataset_dir).cases("train")
 
 
 def preprocess_dataset(dataset_dir: str | os.PathLike, plan_path: str | os.PathLike,
@@ -552,16 +556,16 @@ def preprocess_dataset(dataset_dir: str | os.PathLike, plan_path: str | os.PathL
     system) does not stop the others; the failures are added to ``failures`` when given, else raised
     together as :class:`PreprocessingFailed` at the end."""
     dataset_dir, plan_path = Path(dataset_dir), Path(plan_path)
-    plan = json.loads(plan_path.read_text())
-    dataset = json.loads((dataset_dir / "dataset.json").read_text())
-    dataset_info = {k: dataset[k] for k in ("name", "modality", "label_system")}
+    plan = Plan.read(plan_path)
+    dataset_info = UnifiedDataset(dataset_dir).info()
+    dataset = dataset_info
     cache_dir = Path(out_dir) if out_dir is not None else plan_path.parent / dataset["name"]
     cases = training_cases(dataset_dir)
     todo = []
     for case in cases:
         image, label = case_files(dataset_dir, case)
         sources = {"image": _source_stamp(image) if image.exists() else None, "label": _source_stamp(label)}
-        if cached_properties(cache_dir, case, plan["hash"], sources) is None:
+        if cached_properties(cache_dir, case, plan.hash, sources) is None:
             todo.append(case)
     jobs = [(dataset_dir, case, plan, cache_dir, dataset_info) for case in todo]
     remove_stale_temporaries(cache_dir)  # left by a run that was killed while writing
@@ -573,12 +577,12 @@ def preprocess_dataset(dataset_dir: str | os.PathLike, plan_path: str | os.PathL
     failed = {job[1] for job, result in zip(jobs, results, strict=True) if isinstance(result, CaseFailure)}
     done = [case for case in cases if case not in failed]
     labelled = [case for case in done if case_files(dataset_dir, case)[1] is not None]
-    manifest = {**dataset_info, "dataset_dir": str(dataset_dir.resolve()), "plan_hash": plan["hash"],
+    manifest = {**dataset_info, "dataset_dir": str(dataset_dir.resolve()), "plan_hash": plan.hash,
                 "cases": done, "labelled_cases": labelled}
     cache_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cache_dir / CACHE_MANIFEST, json.dumps(manifest, indent=1))
-    print(f"preprocess {dataset['name']}: {len(jobs) - len(errors)} built, {len(cases) - len(jobs)} up to "
-          f"date, {len(errors)} failed -> {cache_dir}", flush=True)
+    log.info("preprocess %s: %d built, %d up to date, %d failed -> %s", dataset["name"], len(jobs) - len(errors),
+             len(cases) - len(jobs), len(errors), cache_dir)
     if errors:
         if failures is None:
             raise PreprocessingFailed(errors)

@@ -32,6 +32,8 @@ class RawCase:
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """One dataset's raw layout and settings, as ``conf/dataset/<name>.yaml`` gives them."""
+
     name: str
     modality: str
     layout: str

@@ -42,7 +42,6 @@ import csv
 import gzip
 import io
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -566,6 +565,8 @@ AXIS_OF = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I
 
 @dataclass
 class RenderedCase:
+    """One synthetic case before writing: image, structure map, affine, contrast phase and body region."""
+
     image: np.ndarray  # stored dtype (before scl_inter)
     structures: np.ndarray  # uint8 structure ids (STRUCTURE_ID), 0 = none
     affine: np.ndarray
@@ -1103,40 +1104,3 @@ def render_overview(raw_root: str | Path, out_png: str | Path) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out_png
-
-
-# --- command line -------------------------------------------------------------------------------------------
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m aeval.data.synthetic out=<raw_root> seed=0 [size_scale=1] [cases.btcv.train=4]
-    [overview=<png>]``"""
-    from omegaconf import OmegaConf
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    bad = [a for a in args if "=" not in a]
-    if bad:
-        print(f"expected key=value arguments, got: {' '.join(bad)}", file=sys.stderr)
-        return 2
-    values = OmegaConf.to_container(OmegaConf.from_dotlist(args))
-    out = values.pop("out", None)
-    overview = values.pop("overview", None)
-    if out is None:
-        print("missing out=<raw_root>", file=sys.stderr)
-        return 2
-    try:
-        config = SyntheticConfig.from_mapping(values)
-    except ValueError as err:
-        print(err, file=sys.stderr)
-        return 2
-    summary = generate_mini(out, config)
-    print(f"wrote {summary['files']} files under {summary['raw_root']} in {summary['seconds']} s "
-          f"(seed {config.seed})")
-    for dataset, splits in summary["cases"].items():
-        print(f"  {dataset:10s} " + ", ".join(f"{split} {n}" for split, n in splits.items()))
-    if overview:
-        print(f"overview: {render_overview(out, overview)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Networks (STU-Net) and loading of released checkpoints.
 
-Names are imported on first use, so that ``python -m aeval.models.stunet`` and scripts that need only
-the network do not import the checkpoint loader's dependencies.
+Names are imported on first use, so that scripts that need only the network do not import the checkpoint
+loader's dependencies.
 """
 
 from __future__ import annotations

@@ -4,14 +4,13 @@ Module names and shapes follow the official implementation so that released chec
 ``strict=True``: ``conv_blocks_context.{stage}.{block}``, ``upsample_layers.{u}.conv``,
 ``conv_blocks_localization.{u}.{block}`` and ``seg_outputs.{u}``.
 
-``python -m aeval.models.stunet size=l patch=128,128,128`` prints parameters, FLOPs and an activation
-memory estimate (keys: size, patch, batch, in_channels, num_classes, pools).
+:func:`summarize` counts parameters, FLOPs and an activation memory estimate on the meta device
+(``experiments/benchmarks/stunet_cost.py --size l`` prints them).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -152,6 +151,7 @@ def build_stunet(size: str, in_channels: int, num_classes: int,
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters of a module (works on the meta device)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -183,45 +183,9 @@ def _meta_copy(model: STUNet) -> STUNet:
                       model.pool_op_kernel_sizes, model.deep_supervision)
 
 
-def _parse_cli(argv: Sequence[str]) -> dict[str, str]:
-    options = {"size": "s", "patch": "128,128,128", "batch": "1", "in_channels": "1", "num_classes": "105",
-               "pools": ""}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in options:
-            raise SystemExit(f"unknown argument {arg!r}; expected key=value with key in {sorted(options)}")
-        options[key] = value
-    return options
-
-
 def summarize(size: str, patch: Sequence[int], batch: int = 1, in_channels: int = 1, num_classes: int = 105,
               pool_op_kernel_sizes: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
     """Parameters, forward FLOPs and fp32 activation bytes of one STU-Net for a batch of patches."""
     with torch.device("meta"):
         model = build_stunet(size, in_channels, num_classes, pool_op_kernel_sizes)
     return {"parameters": float(count_parameters(model)), **forward_cost(model, patch, batch)}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``size=l patch=128,128,128 [batch=2 in_channels=1 num_classes=105 pools=2x2x2,...,1x1x2]``."""
-    opts = _parse_cli(sys.argv[1:] if argv is None else argv)
-    try:
-        patch = [int(v) for v in opts["patch"].split(",")]
-        pools = [[int(v) for v in p.split("x")] for p in opts["pools"].split(",")] if opts["pools"] else None
-        batch = int(opts["batch"])
-        stats = summarize(opts["size"], patch, batch, int(opts["in_channels"]), int(opts["num_classes"]), pools)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    print(f"STU-Net {opts['size'].upper()}  in_channels={opts['in_channels']} "
-          f"num_classes={opts['num_classes']}  patch={'x'.join(map(str, patch))}  batch={batch}")
-    print(f"  parameters        {int(stats['parameters']):,} ({stats['parameters'] / 1e6:.2f} M)")
-    macs = stats["flops"] / 2
-    print(f"  forward MACs      {macs / 1e12:.3f} T ({macs / 1e9:,.1f} G; multiply-accumulates, the 'FLOPs' "
-          f"STU-Net publishes)")
-    print(f"  forward FLOPs     {2 * macs / 1e12:.3f} T (2 per MAC, convolutions only)")
-    print(f"  activations fp32  {stats['activation_bytes'] / 2**30:.2f} GiB kept for backward "
-          f"(roughly half under bf16 autocast; weights, gradients and optimizer state come on top)")
-
-
-if __name__ == "__main__":
-    main()

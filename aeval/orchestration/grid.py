@@ -21,17 +21,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from aeval.console import console
+from aeval.data.prepare import prepare, summary_table
 from aeval.data.synthetic import generate_mini
 from aeval.errors import FailureLog
 from aeval.evaluation import evaluate
 from aeval.fit import folder_lock, train
 from aeval.keys import RunKey, model_name, run_hash
 from aeval.metrics import metric_key
+from aeval.models.load import load_model
 from aeval.nifti import write_text_atomic
-from aeval.predict import load_model
-from aeval.prepare import prepare, summary_table
 from aeval.protocols.run import protocol_plan, run_protocol
-from aeval.report import build_report
+from aeval.reporting.build import build_report
 from aeval.results import missing_cells, read_cells
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class GridRow:
 
 @dataclass
 class GridOutcome:
+    """What a grid run leaves: the report folder, its runs, the missing cells and the failures."""
+
     report_dir: Path | None
     runs: list[RunKey] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)
@@ -180,11 +182,11 @@ def prepare_synthetic(cfg: DictConfig, rows: Sequence[GridRow], failures: Failur
         datasets = {n: OmegaConf.to_container(cfg.datasets[n], resolve=True) for n in sorted(names)}
         summaries, convert_failures = prepare(datasets, cfg.paths.data_root, num_workers=1)
     console.print(summary_table(summaries))
-    for line in convert_failures.failures:
-        failures.add(line, None)
+    failures.merge(convert_failures)
 
 
 def report_spec(cfg: DictConfig) -> ReportSpec:
+    """What the grid's report covers, from the config (picklable, for the multirun-end callback)."""
     return ReportSpec(str(cfg.paths.results_root), metric_key(cfg.metric.name, cfg.metric.classes),
                       tuple(str(t) for t in cfg.grid.test_sets), str(cfg.grid.report_dir), str(cfg.grid.title),
                       cfg.grid.get("paper"), bool(cfg.grid.get("compare_marginal")))
@@ -193,7 +195,7 @@ def report_spec(cfg: DictConfig) -> ReportSpec:
 def run_grid(cfg: DictConfig) -> GridOutcome:
     """Every row (or the one ``grid.row`` names), then the report over the rows' cells. The rows' keys are
     stored in the job's output folder for the multirun-end report."""
-    failures = FailureLog(printer=lambda line: log.error("%s", line.removeprefix("[error] ")))
+    failures = FailureLog()
     rows = grid_rows(cfg)
     if cfg.grid.get("synthetic"):
         prepare_synthetic(cfg, rows, failures)
@@ -233,7 +235,7 @@ def report_runs(spec: ReportSpec, runs: Sequence[RunKey], failures: FailureLog |
     outcome = GridOutcome(None, runs, missing, failures)
     main_cells = [c for c in cells if not c["protocol"].endswith("_marginal")]
     if not main_cells:
-        console.print("no finished cells to report", style="red")
+        log.error("no finished cells to report")
         return outcome
     report_dir = Path(spec.report_dir)
     report = build_report(main_cells, report_dir, paper=spec.paper, title=spec.title)
@@ -248,8 +250,8 @@ def report_runs(spec: ReportSpec, runs: Sequence[RunKey], failures: FailureLog |
         lines = [f"- {run} → {test}" for run, test in missing]
         write_text_atomic(report_dir / "grid.md", report.text + "\n### Missing cells (not scored or failed)\n\n"
                           + "\n".join(lines) + "\n")
-        console.print("missing cells: " + ", ".join(f"{r} -> {t}" for r, t in missing), highlight=False)
-    console.print(f"report written to {report_dir}", highlight=False)
+        log.warning("missing cells: %s", ", ".join(f"{r} -> {t}" for r, t in missing))
+    log.info("report written to %s", report_dir)
     outcome.report_dir = report_dir
     return outcome
 
@@ -278,5 +280,5 @@ def grid_job(cfg: DictConfig) -> int:
     """``aeval.grid``'s job: the rows, the report, a line on what is missing; the exit code."""
     outcome = run_grid(cfg)
     missing = f"{len(outcome.missing)} cell(s) missing" if outcome.missing else "all cells present"
-    console.print(f"grid: {missing}; {outcome.failures.summary()}", highlight=False, markup=False)
+    log.info("grid: %s; %s", missing, outcome.failures.summary())
     return outcome.failures.exit_code() or (2 if outcome.missing else 0)

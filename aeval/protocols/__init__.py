@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = ["ProtocolPlan", "PseudoLabelled", "Round"]
+
 
 @dataclass(frozen=True)
 class PseudoLabelled:

@@ -22,6 +22,7 @@ MARGINAL_SETTINGS = (("loss", {"_target_": "aeval.marginal_loss.MarginalDiceCELo
 
 
 def plan(cfg: DictConfig) -> ProtocolPlan:
+    """Rounds of ``protocol=joint``: the paper's three rounds, or one round with the marginal loss."""
     protocol = cfg.protocol
     labelled = tuple(str(name) for name in protocol.labelled)
     partial = tuple(str(name) for name in protocol.get("fill_missing") or ())

@@ -24,6 +24,7 @@ predicted are kept).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,13 +35,16 @@ import torch
 from omegaconf import DictConfig
 from scipy import ndimage
 
-from aeval.console import console
-from aeval.data.preprocess import preprocess_image, training_cases
+from aeval.data.preprocess import preprocess_image
+from aeval.dataset import UnifiedDataset
 from aeval.errors import CaseError, FailureLog
-from aeval.labels import FLARE22_ORGANS, annotated_classes, flare22_sets, get_system, remap
+from aeval.labels import FLARE22_ORGANS, annotated_classes, flare22_sets, remap
+from aeval.models.load import LoadedModel
 from aeval.nifti import load_nifti, read_label, save_nifti, write_text_atomic
-from aeval.predict import LoadedModel, make_predictor, predict_files
+from aeval.prediction import make_predictor, predict_files
 from aeval.protocols import ProtocolPlan, PseudoLabelled, Round
+
+log = logging.getLogger(__name__)
 
 MODES = ("all", "fill_missing")
 TEACHER_DIR = "teacher"          # fill_missing: the teacher's raw predictions, kept for inspection
@@ -61,8 +65,8 @@ def plan(cfg: DictConfig) -> ProtocolPlan:
 def is_complete(dataset_dir: Path) -> bool:
     """A pseudo-label dataset whose every case was written (its dataset.json says so)."""
     try:
-        meta = json.loads((Path(dataset_dir) / "dataset.json").read_text())
-    except (OSError, ValueError):
+        meta = UnifiedDataset(dataset_dir).meta
+    except CaseError:
         return False
     return bool(meta.get("pseudo_labels", {}).get("complete"))
 
@@ -162,17 +166,17 @@ def write_pseudo_labels(model: LoadedModel, source_dir: str | Path, out_dir: str
         raise ValueError(f"unknown pseudo-label mode {mode!r}; known: {', '.join(MODES)}")
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     failures = failures if failures is not None else FailureLog()
-    source = json.loads((source_dir / "dataset.json").read_text())
-    cases = training_cases(source_dir)
+    source, target = UnifiedDataset(source_dir), UnifiedDataset(out_dir)
+    cases = source.cases("train")
     if not cases:
         raise CaseError(source_dir, "no training cases to pseudo-label")
     to_system = None if model.label_system == FLARE22 else FLARE22
     images = []
     for case in cases:
-        image = out_dir / "imagesTr" / f"{case}_0000.nii.gz"
-        link_image(source_dir / "imagesTr" / f"{case}_0000.nii.gz", image)
+        image = target.image(case)
+        link_image(source.image(case), image)
         images.append(image)
-    labels_dir = out_dir / "labelsTr"
+    labels_dir = target.labels_dir("train")
     if mode == "all":
         predict_files(model, images, labels_dir, to_system=to_system, inference=inference, skip_existing=True,
                       failures=failures)
@@ -180,36 +184,37 @@ def write_pseudo_labels(model: LoadedModel, source_dir: str | Path, out_dir: str
         predict_files(model, images, out_dir / TEACHER_DIR, to_system=to_system, inference=inference,
                       skip_existing=True, failures=failures)
         for case in cases:
-            with failures.case(source_dir / "labelsTr" / f"{case}.nii.gz"):
-                _write_completed(source_dir, source["label_system"], out_dir, case)
+            with failures.case(source.label(case)):
+                _write_completed(source, target, case)
     labelled = [case for case in cases if (labels_dir / f"{case}.nii.gz").exists()]
     kept, scores = labelled, {}
     if confidence_threshold is not None:
         scores = confidences(model, out_dir, labelled, inference, failures)
         kept = [case for case in labelled if scores.get(case, 0.0) >= confidence_threshold]
     complete = len(labelled) == len(cases) and (confidence_threshold is None or set(labelled) <= set(scores))
-    _write_metadata(out_dir, source, kept, {
-        **(provenance or {}), "source": source["name"], "mode": mode, "teacher_labels": model.label_system,
+    _write_metadata(target, source, kept, {
+        **(provenance or {}), "source": source.name, "mode": mode, "teacher_labels": model.label_system,
         "confidence_threshold": confidence_threshold, "dropped_by_confidence": sorted(set(labelled) - set(kept)),
         "failed": sorted(set(cases) - set(labelled)), "complete": complete})
-    console.print(f"pseudo-labels {out_dir.name}: {len(kept)} of {len(cases)} case(s) from {source['name']} "
-                  f"({mode}) -> {out_dir}", markup=False, highlight=False)
+    log.info("pseudo-labels %s: %d of %d case(s) from %s (%s) -> %s", out_dir.name, len(kept), len(cases),
+             source.name, mode, out_dir)
     return out_dir
 
 
-def _write_completed(source_dir: Path, system: str, out_dir: Path, case: str) -> None:
-    target = out_dir / "labelsTr" / f"{case}.nii.gz"
-    teacher = out_dir / TEACHER_DIR / f"{case}.nii.gz"
+def _write_completed(source: UnifiedDataset, dataset: UnifiedDataset, case: str) -> None:
+    target = dataset.label(case)
+    teacher = dataset.root / TEACHER_DIR / f"{case}.nii.gz"
     if target.exists() or not teacher.exists():
         return
-    native, label_img = read_label(source_dir / "labelsTr" / f"{case}.nii.gz")
+    native, label_img = read_label(source.label(case))
     predicted, predicted_img = read_label(teacher)
     if predicted.shape != native.shape or not np.allclose(predicted_img.affine, label_img.affine, atol=1e-3):
         raise CaseError(teacher, "teacher prediction does not share the label's geometry")
     try:
-        merged = complete_labels(native, system, predicted, label_img.affine, label_img.header.get_zooms()[:3])
+        merged = complete_labels(native, source.label_system, predicted, label_img.affine,
+                                 label_img.header.get_zooms()[:3])
     except ValueError as err:
-        raise CaseError(source_dir / "labelsTr" / f"{case}.nii.gz", str(err)) from None
+        raise CaseError(source.label(case), str(err)) from None
     save_nifti(merged, label_img.affine, target, header=label_img.header)
 
 
@@ -223,7 +228,7 @@ def confidences(model: LoadedModel, out_dir: Path, cases: list[str], inference: 
     if todo:
         predictor = make_predictor(model, inference)
         for case in todo:
-            image_path = out_dir / "imagesTr" / f"{case}_0000.nii.gz"
+            image_path = UnifiedDataset(out_dir).image(case)
             with failures.case(image_path):
                 image, _ = preprocess_image(load_nifti(image_path), model.plan)
                 scores[case] = case_confidence(predictor(torch.from_numpy(image)))
@@ -231,20 +236,8 @@ def confidences(model: LoadedModel, out_dir: Path, cases: list[str], inference: 
     return scores
 
 
-def _write_metadata(out_dir: Path, source: Mapping[str, Any], cases: list[str], provenance: dict[str, Any]) -> None:
-    system = get_system(FLARE22)
-    dataset = {
-        "name": out_dir.name,
-        "description": f"pseudo-labels of {source['name']} ({provenance['mode']})",
-        "modality": source["modality"],
-        "label_system": FLARE22,
-        "channel_names": {"0": source["modality"]},
-        "labels": {"background": 0, **{name: i for i, name in sorted(system.names.items())}},
-        "numTraining": len(cases),
-        "numTest": 0,
-        "labelled": True,
-        "file_ending": ".nii.gz",
-        "pseudo_labels": provenance,
-    }
-    write_text_atomic(out_dir / "splits.json", json.dumps({"train": cases, "test": []}, indent=2))
-    write_text_atomic(out_dir / "dataset.json", json.dumps(dataset, indent=2))
+def _write_metadata(dataset: UnifiedDataset, source: UnifiedDataset, cases: list[str],
+                    provenance: dict[str, Any]) -> None:
+    dataset.write_metadata({"train": cases}, name=dataset.root.name, modality=source.modality,
+                           description=f"pseudo-labels of {source.name} ({provenance['mode']})",
+                           label_system=FLARE22, labelled=True, pseudo_labels=provenance)

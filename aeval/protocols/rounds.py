@@ -21,6 +21,7 @@ reports read them; ``run`` is the hash of the training settings (:func:`aeval.ke
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,21 +30,24 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from aeval.console import console
 from aeval.errors import FailureLog
 from aeval.evaluation import evaluate
 from aeval.fit import train
 from aeval.keys import RunKey, digest, model_name, run_hash, training_settings
+from aeval.models.load import load_model
 from aeval.nifti import atomic_path, write_text_atomic
-from aeval.predict import load_model
 from aeval.protocols import ProtocolPlan, PseudoLabelled
 from aeval.protocols.pseudo_label import is_complete, write_pseudo_labels
+
+log = logging.getLogger(__name__)
 
 ROUND_MARKER = "round.json"
 
 
 @dataclass
 class RoundRecord:
+    """One trained round: its key, run folder, training sets and checkpoint."""
+
     index: int
     name: str
     key: str
@@ -55,6 +59,8 @@ class RoundRecord:
 
 @dataclass
 class ProtocolOutcome:
+    """What running a protocol left: its rounds, the final model's cells and the failures."""
+
     plan: ProtocolPlan
     rounds: list[RoundRecord] = field(default_factory=list)
     cells: list[Path] = field(default_factory=list)
@@ -118,8 +124,7 @@ class RoundRunner:
         for index in range(last):
             record = self.finished(index)
             if record is not None:
-                console.print(f"round {index + 1} ({record.name}) finished, skipped: {record.run_dir}",
-                              markup=False, highlight=False)
+                log.info("round %d (%s) finished, skipped: %s", index + 1, record.name, record.run_dir)
             else:
                 record = self.train_round(index, records)
             records.append(record)
@@ -138,8 +143,8 @@ class RoundRunner:
             out_dir = Path(self.cfg.paths.data_root) / name
             if not is_complete(out_dir):
                 teacher = records[item.teacher]
-                console.print(f"round {index + 1}: pseudo-labelling {item.source} ({item.mode}) with round "
-                              f"{item.teacher + 1}'s model", markup=False, highlight=False)
+                log.info("round %d: pseudo-labelling %s (%s) with round %d's model", index + 1, item.source,
+                         item.mode, item.teacher + 1)
                 write_pseudo_labels(load_model(teacher.checkpoint), Path(self.cfg.paths.data_root) / item.source,
                                     out_dir, mode=item.mode, inference=self.inference,
                                     confidence_threshold=self.confidence_threshold, failures=self.failures,
@@ -164,8 +169,7 @@ class RoundRunner:
         spec = self.plan.rounds[index]
         train_sets = self.datasets_for(index, records)
         job = self.round_config(index, train_sets)
-        console.print(f"round {index + 1} ({spec.name}): training on {', '.join(train_sets)} -> {job.run_dir}",
-                      markup=False, highlight=False)
+        log.info("round %d (%s): training on %s -> %s", index + 1, spec.name, ", ".join(train_sets), job.run_dir)
         result = train(job)  # a round already trained to max_epochs returns its stored result at once
         checkpoint = result.best_checkpoint or result.last_checkpoint
         record = RoundRecord(index, spec.name, self.keys[index], Path(job.run_dir), train_sets, checkpoint, False)
@@ -197,7 +201,7 @@ class RoundRunner:
         return published
 
 
-def run_plan(cfg: DictConfig, plan: ProtocolPlan, *, test_sets: Sequence[str] | None = None,
+def run_rounds(cfg: DictConfig, plan: ProtocolPlan, *, test_sets: Sequence[str] | None = None,
              failures: FailureLog | None = None) -> ProtocolOutcome:
     """Train every round of ``plan`` (resuming), evaluate the final model and publish its cells."""
     runner = RoundRunner(cfg, plan, failures)

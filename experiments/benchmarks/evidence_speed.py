@@ -7,7 +7,8 @@ paired tests per measure, Holm), rank-then-aggregate with rank stability, and al
         [--record experiments/benchmarks/results/evidence_speed.md]
 
 The synthetic cells are written with :func:`aeval.results.write_cell` first (not timed); then
-``aeval.report.run`` is timed end to end (reading the cells, the paper's tables and heatmaps, the evidence),
+``aeval.reporting.build.report_from_config`` is timed end to end (reading the cells, the paper's tables and
+heatmaps, the evidence),
 and the evidence stages once more on their own.
 """
 
@@ -27,16 +28,19 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from score_speed import timed  # the benchmarks' one timing helper (median of repeats), same folder
 
-from aeval import evidence, report
+import aeval
+from aeval import evidence
 from aeval.keys import CellKey
 from aeval.labels import AEVAL8_ORGANS
+from aeval.reporting.build import report_from_config
+from aeval.reporting.tables import grids_of
 from aeval.results import write_cell
-from aeval.score import summarize
+from aeval.scoring import summarize
 
 MODELS = ("stu_s", "stu_b", "stu_l", "stu_h")
 TRAINS = ("flare22", "amos_ct", "word", "totalseg")
 TESTS = ("flare22", "amos_ct", "word", "totalseg", "btcv")
-CONF = Path(report.__file__).resolve().parent / "conf"
+CONF = Path(aeval.__file__).resolve().parent / "conf"
 
 
 def synthesize(root: Path, n_cases: int, seed: int = 0) -> int:
@@ -80,8 +84,7 @@ def main() -> None:
         with initialize_config_dir(str(CONF), version_base=None):
             cfg = compose("report", overrides=overrides)
         with contextlib.redirect_stdout(io.StringIO()):  # the report's text is not what is measured
-            total, code = timed(lambda: report.run(cfg), args.repeats)
-        assert code == 0, "report failed"
+            total, _ = timed(lambda: report_from_config(cfg), args.repeats)
         options = evidence.EvidenceOptions(ci=True, compare="model", compare_pairs="all", ranks=True, figures=False)
         stages, _ = timed(lambda: evidence.build_evidence(tmp / "results", tmp / "evidence", options), args.repeats)
         table = evidence.load_case_table(tmp / "results")
@@ -104,7 +107,8 @@ def main() -> None:
         "",
         f"| what | s (median of {args.repeats}) |",
         "|---|---|",
-        f"| `python -m aeval.report` work (`report.run`: read cells, paper tables + heatmaps, evidence with figures) "
+        f"| `python -m aeval.report` work (`report_from_config`: read cells, paper tables + heatmaps, "
+        "evidence with figures) "
         f"| {total:.1f} |",
         f"| evidence alone, no figures (read case tables, cases.csv, intervals, comparisons, ranks) | {stages:.1f} |",
         f"| statistics alone (bootstrap of every cell and mean, 240 paired comparisons, ranks) | {compute:.1f} |",
@@ -121,8 +125,8 @@ def main() -> None:
 def _compute(table: evidence.CaseTable) -> None:
     table._strata = None
     boot = evidence.Bootstrap(table, n_resamples=10_000)
-    rows, lookup = evidence._grid_cells(table)
-    grids = evidence._grids(rows)
+    rows, lookup = evidence.grid_cells(table)
+    grids = grids_of(rows)
     evidence.interval_tables(grids, lookup, boot)
     evidence.compare_runs(boot, evidence.parse_selectors("model", table.keys), "all")
     evidence.rank_studies(boot, grids, lookup)

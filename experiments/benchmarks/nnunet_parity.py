@@ -34,7 +34,8 @@ from nnunet_reference import (  # noqa: E402
 )
 
 from aeval.data.nnunet_preprocess import preprocess_nnunet, restore_nnunet  # noqa: E402
-from aeval.predict import load_model, make_predictor  # noqa: E402
+from aeval.models.load import load_model  # noqa: E402
+from aeval.prediction import make_predictor  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 

@@ -1,4 +1,4 @@
-"""Peak memory of ``aeval.predict.predict_file`` on a 512x512x400 CT with STU-Net-S on CPU (issue 6's target:
+"""Peak memory of ``aeval.prediction.predict_file`` on a 512x512x400 CT with STU-Net-S on CPU (issue 6's target:
 within 6 GB peak RSS).
 
 A synthetic CT (air around an elliptic body of soft tissue with brighter organs and a spine, int16, written
@@ -111,8 +111,9 @@ def child(args: argparse.Namespace) -> dict:
     from torch import nn
 
     from aeval.data.preprocess import resampled_shape
+    from aeval.models.load import LoadedModel
     from aeval.models.stunet import build_stunet
-    from aeval.predict import LoadedModel, make_predictor, predict_file
+    from aeval.prediction import make_predictor, predict_file
 
     if args.threads:
         torch.set_num_threads(args.threads)

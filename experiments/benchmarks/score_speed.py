@@ -28,7 +28,8 @@ import numpy as np
 from scipy import ndimage
 
 from aeval.labels import to_aeval8
-from aeval.metrics import score_case, scoring_rules, surfel_area_table
+from aeval.metrics import score_case, scoring_rules
+from aeval.surface import surfel_area_table
 
 REAL_SEG = Path(__file__).resolve().parents[3] / "shared/data/real/example_seg.nii.gz"
 SHAPE = (512, 512, 80)
