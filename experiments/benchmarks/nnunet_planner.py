@@ -35,6 +35,11 @@ from aeval.data.registry import DatasetSpec  # noqa: E402
 REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 CONF_DIR = Path(__file__).resolve().parents[2] / "aeval" / "conf"
 STATS = ("mean", "std", "percentile_00_5", "percentile_99_5")
+# Patch sizes at A-Eval scale: illustrative CT fingerprints (10 equal cases, stored RAS; spacing mm, shape after
+# crop), not measured datasets. Only the planning rules run here; no image is read.
+SCALES = {"0.8x0.8x2.5 mm, 512x512x100": ((0.8, 0.8, 2.5), (512, 512, 100)),
+          "1.5 mm isotropic, 300^3": ((1.5, 1.5, 1.5), (300, 300, 300)),
+          "0.7x0.7x5 mm, 512x512x60": ((0.7, 0.7, 5.0), (512, 512, 60))}
 
 
 def real_dataset(root: Path) -> Path | None:
@@ -104,6 +109,50 @@ def report(folder: Path, fingerprint: dict, plan: dict, nnunet: dict) -> None:
           f"{_fmt(to_ras(fullres['median_image_size_in_voxels'], forward, affine), 1)} | |")
 
 
+def scale_rows(tmp: Path) -> None:
+    """aeval's and nnU-Net's patch size for the fingerprints of :data:`SCALES` (nnU-Net: its default 8 GB
+    ExperimentPlanner on a fingerprint file it is handed)."""
+    import contextlib
+    import io
+
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
+    from aeval.data.nnunet_export import nnunet_dataset_json
+
+    stats = {"mean": 60.0, "std": 80.0, "percentile_00_5": -150.0, "percentile_99_5": 300.0, "median": 55.0,
+             "min": -1000.0, "max": 1500.0}
+    print("\n## Patch size at A-Eval scale (planning rules only, 14 classes)\n"
+          "| fingerprint | target spacing aeval / nnU-Net | aeval patch (voxels) | nnU-Net 3d_fullres patch "
+          "(voxels, stages, batch) |\n|---|---|---|---|")
+    for i, (label, (spacing, shape)) in enumerate(SCALES.items(), start=1):
+        name = f"Dataset{800 + i}_scale{i}"
+        affine = np.diag([*spacing, 1.0])
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), affine),
+                 _mkdir(tmp / "raw" / name / "imagesTr") / "case_000_0000.nii.gz")
+        meta = nnunet_dataset_json({"name": name, "modality": "CT", "label_system": "flare22"}, 10)
+        (tmp / "raw" / name / "dataset.json").write_text(json.dumps(meta))
+        fingerprint = {"spacings": [list(spacing[::-1])] * 10, "shapes_after_crop": [list(shape[::-1])] * 10,
+                       "foreground_intensity_properties_per_channel": {"0": stats},
+                       "median_relative_size_after_cropping": 1.0}
+        (_mkdir(tmp / "nnunet_pre" / name) / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
+        with contextlib.redirect_stdout(io.StringIO()):
+            plans, _ = plan_experiment_dataset(name)
+        fullres, forward = plans["configurations"]["3d_fullres"], plans["transpose_forward"]
+        ours = make_plan({"sources_digest": "-", "datasets": [{"name": name, "modality": "CT",
+                                                                "label_system": "flare22"}],
+                          "cases": [{"spacing": list(spacing), "shape": list(shape), "shape_after_crop": list(shape)}]
+                          * 10, "intensity": {"CT": stats}})
+        patch = [int(n) for n in to_ras(fullres["patch_size"], forward, affine)]
+        print(f"| {label} | {_fmt(ours['target_spacing'], 3)} / {_fmt(to_ras(fullres['spacing'], forward, affine), 3)}"
+              f" | {ours['patch_size']} ({np.prod(ours['patch_size'])}) | {patch} ({np.prod(patch)}, "
+              f"{fullres['architecture']['arch_kwargs']['n_stages']}, {fullres['batch_size']}) |")
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _fmt(values, digits: int = 4) -> str:
     return "[" + ", ".join(f"{float(v):.{digits}f}" for v in values) + "]"
 
@@ -112,11 +161,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=float, default=1e8, help="foreground voxels in all (nnU-Net's 1e8)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--scale-only", action="store_true", help="only the A-Eval-scale patch sizes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         os.environ.update(nnUNet_raw=str(tmp / "raw"), nnUNet_preprocessed=str(tmp / "nnunet_pre"),
                           nnUNet_results=str(tmp / "results"))  # before nnunetv2 is first imported
+        if args.scale_only:
+            scale_rows(tmp)
+            return
         folders = [f for f in [real_dataset(tmp / "unified")] if f] + synthetic_datasets(tmp)
         timings = []
         for i, folder in enumerate(folders, start=1):
@@ -134,6 +187,7 @@ def main() -> None:
             print(f"| {name} | {ours['fingerprint_wall_s']:.2f} + {ours['plan_wall_s']:.2f} ({cpu[0]:.2f}) | "
                   f"{theirs['fingerprint_wall_s']:.2f} + {theirs['plan_wall_s']:.2f} ({cpu[1]:.2f}) | "
                   f"{wall[0] / wall[1]:.2f} ({cpu[0] / cpu[1]:.2f}) |")
+        scale_rows(tmp)
         print(f"\nload average at the end: {os.getloadavg()}")
 
 
