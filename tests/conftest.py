@@ -15,6 +15,10 @@ REAL = SHARED / "data" / "real"
 CONF_DIR = Path(__file__).resolve().parents[1] / "aeval" / "conf"
 
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real is not present")
+# CT foreground voxels the tests' plans sample: nnU-Net's 1e8 (the default, for nnU-Net's exact statistics) costs
+# ~5-10 s per fingerprint whatever the data size; tests of anything but the statistics use a small sample
+FAST_INTENSITY_SAMPLES = 100_000
+FAST_PLAN = f"plan.intensity_samples={FAST_INTENSITY_SAMPLES}"
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:

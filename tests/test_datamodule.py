@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_INTENSITY_SAMPLES
 from test_preprocess import blob_labels, write_unified_dataset
 
 from aeval.data.augment import AUGMENTATION_DEFAULTS, augmentation_config, extract_patch
@@ -20,7 +21,8 @@ from aeval.data.preprocess import preprocess_dataset
 
 def _cache(root: Path, name: str, cases: list[dict], patch, **kwargs) -> tuple[Path, dict]:
     write_unified_dataset(root / "unified", name, cases, **kwargs)
-    plan_dir = plan_datasets([name], root / "unified", root / "pre", patch_size=patch)
+    plan_dir = plan_datasets([name], root / "unified", root / "pre", patch_size=patch,
+                             intensity_samples=FAST_INTENSITY_SAMPLES)
     cache = preprocess_dataset(root / "unified" / name, plan_dir / "plans.json")
     return cache, json.loads((plan_dir / "plans.json").read_text())
 

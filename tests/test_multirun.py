@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST_PLAN
 from omegaconf import OmegaConf
 
 from aeval.results import read_cells
@@ -19,7 +20,7 @@ from aeval.results import read_cells
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 FAST = ["experiment=demo", "logger=none", "grid.synthetic.size_scale=0.5", "trainer.max_epochs=1",
-        "data.iterations_per_epoch=2", "plan.target_spacing_override=[10,10,10]",
+        "data.iterations_per_epoch=2", "plan.target_spacing_override=[10,10,10]", FAST_PLAN,
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 # A small A-Eval-mini: FLARE22 and BTCV cases only (every other dataset is absent, so it is skipped).
 CASES = ("grid.synthetic.cases={flare22: {train: 2, val: 1, unlabeled: 0}, amos_ct: {train: 0, val: 0}, "
@@ -52,7 +53,7 @@ def converted(tmp_path_factory) -> Path:
 def test_train_multirun_over_seeds_gives_one_run_per_seed_and_reruns_nothing(converted):
     overrides = ["-m", "seed=1,2", "model=stu_tiny", "trainer=cpu", "logger=none", "plan.patch_size=[16,16,16]",
                  "data.iterations_per_epoch=2", "data.num_workers=0", "data.val_cases=1", "trainer.max_epochs=1",
-                 "preprocess_workers=1", "trainer.enable_progress_bar=false"]
+                 "preprocess_workers=1", "trainer.enable_progress_bar=false", FAST_PLAN]
     first = run("train", converted, *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = sorted((converted / "outputs/logs/train/individual/flare22/stu_tiny").iterdir())

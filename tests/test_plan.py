@@ -3,6 +3,7 @@ intensity statistics, pool kernels valid for the patch, patch size from a voxel 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -21,6 +22,8 @@ from aeval.data.plan import (
     pool_kernels,
     target_spacing,
 )
+
+SAMPLES = 100_000
 
 
 def _fingerprint(spacings, shapes, modalities=("CT",), ct_stats=True) -> dict:
@@ -155,7 +158,9 @@ def test_plan_datasets_writes_a_joint_plan_over_the_union(tmp_path):
     b_spacings = [(1.2, 1.2, 1.5), (1.0, 1.1, 3.0), (0.7, 0.75, 2.2)]
     write_unified_dataset(root, "a", [{"shape": (24, 24, 12), "spacing": s} for s in a_spacings])
     write_unified_dataset(root, "b", [{"shape": (24, 24, 12), "spacing": s} for s in b_spacings], seed=1)
-    plan_dir = plan_datasets(["a", "b"], root, tmp_path / "pre")
+    # the reuse rules, not the statistics, are under test: a small sample keeps it fast (nnU-Net's 1e8 is the default)
+    run_plan = functools.partial(plan_datasets, intensity_samples=SAMPLES)
+    plan_dir = run_plan(["a", "b"], root, tmp_path / "pre")
     assert plan_dir == tmp_path / "pre" / "a+b"
     plan = json.loads((plan_dir / "plans.json").read_text())
     fingerprint = json.loads((plan_dir / "fingerprint.json").read_text())
@@ -166,16 +171,27 @@ def test_plan_datasets_writes_a_joint_plan_over_the_union(tmp_path):
 
     # unchanged sources: the fingerprint is reused; a parameter change gives a new hash
     stamp = (plan_dir / "fingerprint.json").stat().st_mtime_ns
-    plan_datasets(["a", "b"], root, tmp_path / "pre")
+    run_plan(["a", "b"], root, tmp_path / "pre")
     assert (plan_dir / "fingerprint.json").stat().st_mtime_ns == stamp
-    plan_datasets(["a", "b"], root, tmp_path / "pre", patch_size=[16, 16, 8])
+    run_plan(["a", "b"], root, tmp_path / "pre", patch_size=[16, 16, 8])
     assert json.loads((plan_dir / "plans.json").read_text())["hash"] != plan["hash"]
     # a changed source file: fingerprinted again
     label = root / "b" / "labelsTr" / "b_000.nii.gz"
     img = nib.load(label)
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8) + np.asarray(img.dataobj), img.affine), label)
     os.utime(label, ns=(stamp + 10**9, stamp + 10**9))
-    plan_datasets(["a", "b"], root, tmp_path / "pre", plan_name="custom")
+    run_plan(["a", "b"], root, tmp_path / "pre", plan_name="custom")
     assert (tmp_path / "pre" / "custom" / "plans.json").exists()
-    plan_datasets(["a", "b"], root, tmp_path / "pre")
+    run_plan(["a", "b"], root, tmp_path / "pre")
     assert (plan_dir / "fingerprint.json").stat().st_mtime_ns != stamp
+    # a fingerprint of another sampling (or of the sampling before nnU-Net's rule) is redone, not reused
+    stamp = (plan_dir / "fingerprint.json").stat().st_mtime_ns
+    run_plan(["a", "b"], root, tmp_path / "pre", intensity_samples=2 * SAMPLES)
+    assert json.loads((plan_dir / "fingerprint.json").read_text())["intensity"]["CT"]["num_samples"] == 2 * SAMPLES
+    old = json.loads((plan_dir / "fingerprint.json").read_text())
+    old["fingerprint_version"] = 1
+    (plan_dir / "fingerprint.json").write_text(json.dumps(old))
+    run_plan(["a", "b"], root, tmp_path / "pre", intensity_samples=2 * SAMPLES)
+    assert json.loads((plan_dir / "fingerprint.json").read_text())["fingerprint_version"] == 2
+    with pytest.raises(ValueError, match="plan.intensity_samples=0"):
+        run_plan(["a", "b"], root, tmp_path / "pre", intensity_samples=0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import affine_for, write_nifti
+from conftest import FAST_INTENSITY_SAMPLES, affine_for, write_nifti
 from nibabel import orientations
 
 from aeval.data.plan import plan_datasets
@@ -103,7 +103,8 @@ ANISO_CASES = [{"shape": (40, 36, 24), "spacing": (0.9, 0.9, 4.0)},
 
 def _planned(tmp_path: Path, cases, name="ds", **kwargs) -> tuple[Path, Path]:
     write_unified_dataset(tmp_path / "unified", name, cases, **kwargs)
-    plan_dir = plan_datasets([name], tmp_path / "unified", tmp_path / "pre", patch_size=[16, 16, 8])
+    plan_dir = plan_datasets([name], tmp_path / "unified", tmp_path / "pre", patch_size=[16, 16, 8],
+                             intensity_samples=FAST_INTENSITY_SAMPLES)
     return tmp_path / "unified" / name, plan_dir / "plans.json"
 
 
@@ -279,7 +280,8 @@ def test_cache_is_idempotent_invalidated_by_plan_and_source_changes(tmp_path):
     assert now["ds_000.json"] == first["ds_000.json"] and now["ds_002.json"] != first["ds_002.json"]
 
     # a changed plan invalidates every case
-    plan_datasets(["ds"], tmp_path / "unified", tmp_path / "pre", patch_size=[32, 32, 8])
+    plan_datasets(["ds"], tmp_path / "unified", tmp_path / "pre", patch_size=[32, 32, 8],
+                  intensity_samples=FAST_INTENSITY_SAMPLES)
     preprocess_dataset(dataset_dir, plan_path)
     plan = json.loads(plan_path.read_text())
     for case in ("ds_000", "ds_001", "ds_002"):
@@ -364,7 +366,8 @@ def test_unlabelled_dataset_in_a_joint_plan_caches_images_only(tmp_path):
     root = tmp_path / "unified"
     write_unified_dataset(root, "ds", ANISO_CASES[:2])
     write_unified_dataset(root, "unl", ANISO_CASES[2:], labelled=False, seed=1)
-    plan_dir = plan_datasets(["ds", "unl"], root, tmp_path / "pre", patch_size=[16, 16, 8])
+    plan_dir = plan_datasets(["ds", "unl"], root, tmp_path / "pre", patch_size=[16, 16, 8],
+                             intensity_samples=FAST_INTENSITY_SAMPLES)
     plan = json.loads((plan_dir / "plans.json").read_text())
     assert plan["num_training_cases"] == 4 and plan["normalization"]["scheme"] == "ct"
     cache = preprocess_dataset(root / "unl", plan_dir / "plans.json")

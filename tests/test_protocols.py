@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR
+from conftest import CONF_DIR, FAST_PLAN
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -42,7 +42,8 @@ TINY_MINI = {"seed": 0, "size_scale": 0.5,
                        "totalseg": {"train": 0, "val": 0, "test": 0}, "btcv": {"train": 0}}}
 FAST_TRAINING = ["model=stu_tiny", "trainer=cpu", "logger=none", "inference=fast", "trainer.max_epochs=1",
                  "trainer.precision=32-true", "trainer.enable_progress_bar=false", "data.iterations_per_epoch=2",
-                 "data.num_workers=0", "data.val_cases=1", "plan.patch_size=[32,32,32]", "preprocess_workers=1"]
+                 "data.num_workers=0", "data.val_cases=1", "plan.patch_size=[32,32,32]", "preprocess_workers=1",
+                 FAST_PLAN]
 
 
 

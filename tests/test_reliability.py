@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR, write_nifti
+from conftest import CONF_DIR, FAST_INTENSITY_SAMPLES, FAST_PLAN, write_nifti
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_preprocess import write_unified_dataset
@@ -94,7 +94,7 @@ def test_fingerprint_with_two_workers_names_the_bad_case(tmp_path):
     dataset = write_unified_dataset(root, "flare22", [{"shape": (12, 12, 8), "spacing": (1.0, 1.0, 2.0)}] * 3)
     (dataset / "labelsTr/flare22_001.nii.gz").write_bytes(b"\x1f\x8b truncated")
     with pytest.raises(RuntimeError, match=r"1 failed:\n  .*labelsTr/flare22_001.nii.gz: unreadable"):
-        fingerprint_datasets([dataset], num_workers=2)
+        fingerprint_datasets([dataset], num_workers=2, max_intensity_samples=FAST_INTENSITY_SAMPLES)
 
 
 def _score_pair_killing_case_1(pred_path, gt_path, *args):
@@ -327,7 +327,7 @@ def train_config(tmp_path: Path, *overrides: str):
     if not (data_root / "flare22").exists():
         write_unified_dataset(data_root, "flare22", [{"shape": (12, 12, 8), "spacing": (1.0, 1.0, 2.0)}] * 2)
     settings = [f"paths.data_root={data_root}", f"paths.preprocessed_root={tmp_path / 'pre'}",
-                f"paths.log_dir={tmp_path / 'logs'}", "model=stu_tiny", "trainer=cpu", "logger=none"]
+                f"paths.log_dir={tmp_path / 'logs'}", "model=stu_tiny", "trainer=cpu", "logger=none", FAST_PLAN]
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         return compose("train", overrides=[*settings, *overrides])
 

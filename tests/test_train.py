@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import CONF_DIR
+from conftest import CONF_DIR, FAST_PLAN
 from hydra import compose, initialize_config_dir
 from matplotlib import image as mpimg
 from omegaconf import DictConfig, OmegaConf
@@ -50,7 +50,7 @@ def compose_train(data_root: Path, log_dir: Path, *overrides: str) -> DictConfig
     settings = [f"paths.data_root={data_root}/unified", f"paths.preprocessed_root={data_root}/preprocessed",
                 f"paths.log_dir={log_dir}", "model=stu_tiny", "trainer=cpu", "logger=none",
                 "plan.patch_size=[16,16,16]", f"data.iterations_per_epoch={ITERATIONS}", "data.num_workers=0",
-                f"trainer.max_epochs={EPOCHS}", "preprocess_workers=1", "trainer.deterministic=true",
+                f"trainer.max_epochs={EPOCHS}", "preprocess_workers=1", "trainer.deterministic=true", FAST_PLAN,
                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         return compose("train", overrides=[*settings, *overrides])
@@ -209,7 +209,7 @@ def test_wandb_runs_offline_without_network_or_prompt(data_root, tmp_path, monke
 def test_cli_trains_and_writes_the_result(data_root, tmp_path):
     overrides = [f"paths.data_root={data_root}/unified", f"paths.preprocessed_root={data_root}/preprocessed",
                  f"paths.log_dir={tmp_path}", "model=stu_tiny", "trainer=cpu", "logger=csv",
-                 "plan.patch_size=[16,16,16]", "data.iterations_per_epoch=1", "data.num_workers=0",
+                 "plan.patch_size=[16,16,16]", FAST_PLAN, "data.iterations_per_epoch=1", "data.num_workers=0",
                  "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
     completed = subprocess.run([sys.executable, "-m", "aeval.train", *overrides], cwd=REPO, capture_output=True,
                                text=True, timeout=300)

@@ -2,9 +2,11 @@
 
 The fingerprint (``fingerprint.json``) records, per training case, the spacing and shape in RAS axis order,
 the shape after cropping and the original orientation, plus CT foreground intensity statistics sampled from
-the labelled voxels. The plan (``plans.json``) fixes what preprocessing and the network need: target
-spacing, normalisation, patch size and STU-Net's pool kernels, and carries a content hash that the cache
-checks. A plan over several datasets is computed over the union of their cases.
+the labelled voxels exactly as nnU-Net samples them (:mod:`aeval.data.intensity`), so the CT normalisation
+equals ``nnUNetv2_plan_and_preprocess``'s on the same files. The plan (``plans.json``) fixes what
+preprocessing and the network need: target spacing, normalisation, patch size and STU-Net's pool kernels,
+and carries a content hash that the cache checks. A plan over several datasets is computed over the union
+of their cases.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import aff2axcodes
 
+from aeval.data.intensity import NNUNET_SEED, NNUNET_TOTAL_SAMPLES, foreground_samples, pooled_statistics
 from aeval.data.preprocess import (
     ANISOTROPY_THRESHOLD,
     CT_BODY_THRESHOLD,
@@ -47,11 +49,12 @@ from aeval.plan import Plan
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
+FINGERPRINT_VERSION = 2        # 2: nnU-Net's intensity sampling (order, seed, count); older fingerprints are redone
 VOXEL_BUDGET = 128**3          # voxels per patch: STU-Net's 128^3 (the published models' patch)
 NUM_POOLS = 5                  # STU-Net: six stages, downsampling in stages 1-5
 MIN_BOTTLENECK = 4             # an axis is not halved below this many voxels
-MAX_INTENSITY_SAMPLES = 10_000_000
-INTENSITY_SEED = 1234
+MAX_INTENSITY_SAMPLES = NNUNET_TOTAL_SAMPLES
+INTENSITY_SEED = NNUNET_SEED
 
 
 # --- fingerprint ---------------------------------------------------------------------------------------
@@ -93,28 +96,16 @@ def _fingerprint_case(job: tuple[Path, str, str, int, int]) -> tuple[dict[str, A
     if label_path is not None and modality == "CT" and n_samples > 0:
         labels, label_img = read_label(label_path)
         check_same_geometry(img, label_img, label_path)
-        foreground = data[labels > 0]
-        if foreground.size:
-            rng = np.random.default_rng(seed)
-            samples = rng.choice(foreground, size=n_samples, replace=True).astype(np.float32)
+        samples = foreground_samples(data, labels, n_samples, seed)
     return record, samples
-
-
-def _intensity_statistics(samples: np.ndarray) -> dict[str, float]:
-    return {
-        "mean": float(samples.mean(dtype=np.float64)), "std": float(samples.std(dtype=np.float64)),
-        "median": float(np.median(samples)), "min": float(samples.min()), "max": float(samples.max()),
-        "percentile_00_5": float(np.percentile(samples, 0.5)),
-        "percentile_99_5": float(np.percentile(samples, 99.5)), "num_samples": int(samples.size),
-    }
 
 
 def fingerprint_datasets(dataset_dirs: list[Path], *, num_workers: int = 1,
                          max_intensity_samples: int = MAX_INTENSITY_SAMPLES, seed: int = INTENSITY_SEED
                          ) -> dict[str, Any]:
     """Spacing/shape/orientation of every training case of the unified datasets, and CT foreground
-    intensity statistics pooled over their labelled CT cases (at most ``max_intensity_samples`` voxels,
-    an equal share per case, drawn with replacement with a fixed seed as nnU-Net does).
+    intensity statistics pooled over their labelled CT cases (``max_intensity_samples // cases`` voxels
+    per case, drawn with replacement with one seed, pooled in dataset then case-name order: nnU-Net's rule).
 
     Raises ``RuntimeError`` listing every unreadable case."""
     dataset_dirs = [Path(d) for d in dataset_dirs]
@@ -128,9 +119,8 @@ def fingerprint_datasets(dataset_dirs: list[Path], *, num_workers: int = 1,
                          "num_cases": len(cases), "num_labelled": len(labelled)})
         jobs += [(dataset_dir, case, meta["modality"], 0, 0) for case in cases]
     labelled_ct = sum(d["num_labelled"] for d in datasets if d["modality"] == "CT")
-    per_case = max_intensity_samples // labelled_ct if labelled_ct else 0
-    jobs = [(d, c, m, per_case, (seed + zlib.crc32(f"{d.name}/{c}".encode())) % 2**32)
-            for d, c, m, _, _ in jobs]
+    per_case = int(max_intensity_samples) // labelled_ct if labelled_ct else 0
+    jobs = [(d, c, m, per_case, seed) for d, c, m, _, _ in jobs]
     results = map_cases(_fingerprint_case, jobs, num_workers=num_workers, context="spawn",
                         path_of=lambda job: case_files(job[0], job[1])[0], description="fingerprint")
     failures = FailureLog(quiet=True)
@@ -138,15 +128,18 @@ def fingerprint_datasets(dataset_dirs: list[Path], *, num_workers: int = 1,
         failures.add(result.as_error())
     if failures.failures:
         raise RuntimeError(f"fingerprint: {failures.summary()}")
-    samples = [s for _, s in results if s is not None]
+    # nnU-Net pools its cases in sorted identifier order (the float32 mean and std depend on it)
+    order = sorted(range(len(jobs)), key=lambda i: (dataset_dirs.index(jobs[i][0]), jobs[i][1]))
+    samples = [results[i][1] for i in order if results[i][1] is not None]
+    samples = samples if sum(s.size for s in samples) else []
     return {
-        "fingerprint_version": PLAN_VERSION,
+        "fingerprint_version": FINGERPRINT_VERSION,
         "sources_digest": sources_digest(dataset_dirs),
         "datasets": datasets,
         "axis_order": "RAS",
         "cases": [record for record, _ in results],
-        "intensity": {"CT": _intensity_statistics(np.concatenate(samples))} if samples else {},
-        "intensity_sampling": {"max_samples": max_intensity_samples, "seed": seed},
+        "intensity": {"CT": pooled_statistics(samples)} if samples else {},
+        "intensity_sampling": {"max_samples": int(max_intensity_samples), "seed": seed, "rule": "nnunetv2"},
     }
 
 
@@ -306,10 +299,14 @@ def make_plan(fingerprint: dict[str, Any], *, patch_size: Sequence[int] | None =
 
 
 def plan_datasets(names: list[str], data_root: str | os.PathLike, preprocessed_root: str | os.PathLike,
-                  plan_name: str | None = None, num_workers: int = 1, **overrides: Any) -> Path:
-    """Fingerprint (reused while the source files are unchanged) and plan the union of ``names``; writes
-    ``fingerprint.json`` and ``plans.json`` atomically into ``{preprocessed_root}/{plan_name}`` (default
-    name: the dataset names joined by ``+``) and returns that folder."""
+                  plan_name: str | None = None, num_workers: int = 1,
+                  intensity_samples: int = MAX_INTENSITY_SAMPLES, **overrides: Any) -> Path:
+    """Fingerprint (reused while the source files and the sampling are unchanged) and plan the union of
+    ``names``; writes ``fingerprint.json`` and ``plans.json`` atomically into ``{preprocessed_root}/{plan_name}``
+    (default name: the dataset names joined by ``+``) and returns that folder. ``intensity_samples``: CT
+    foreground voxels sampled in all (nnU-Net's 1e8 gives nnU-Net's statistics; fewer is faster)."""
+    if int(intensity_samples) < 1:
+        raise ValueError(f"plan.intensity_samples={intensity_samples}: it must be a positive number of voxels")
     dataset_dirs = [Path(data_root) / name for name in names]
     for dataset_dir in dataset_dirs:
         if not (dataset_dir / "dataset.json").exists():
@@ -322,10 +319,14 @@ def plan_datasets(names: list[str], data_root: str | os.PathLike, preprocessed_r
             fingerprint = json.loads(fingerprint_path.read_text())
         except ValueError:
             fingerprint = None
-        if fingerprint and fingerprint.get("sources_digest") != sources_digest(dataset_dirs):
+        sampling = {"max_samples": int(intensity_samples), "seed": INTENSITY_SEED, "rule": "nnunetv2"}
+        if fingerprint and (fingerprint.get("sources_digest") != sources_digest(dataset_dirs)
+                            or fingerprint.get("fingerprint_version") != FINGERPRINT_VERSION
+                            or fingerprint.get("intensity_sampling") != sampling):
             fingerprint = None
     if fingerprint is None:
-        fingerprint = fingerprint_datasets(dataset_dirs, num_workers=num_workers)
+        fingerprint = fingerprint_datasets(dataset_dirs, num_workers=num_workers,
+                                           max_intensity_samples=int(intensity_samples))
         write_text_atomic(fingerprint_path, json.dumps(fingerprint, indent=1))
     plan = make_plan(fingerprint, **overrides)
     plans_path = plan_dir / "plans.json"
