@@ -1,7 +1,7 @@
 """The plan: what preprocessing and the network need, fixed once per training-set union (nnU-Net v2's
 ``plans.json``, in aeval's RAS convention).
 
-:mod:`aeval.data.plan` derives one from a dataset fingerprint; the preprocessing cache, the data module, the
+:mod:`aeval.data.planner` derives one from a dataset fingerprint; the preprocessing cache, the data module, the
 LightningModule and the predictor read it; a checkpoint carries it as a plain dict. :class:`Plan` is the one
 place that knows its keys: :meth:`Plan.from_dict` validates once (a missing or malformed key is one
 :class:`~aeval.errors.CaseError` naming the file), :meth:`Plan.to_dict` gives the JSON back unchanged.

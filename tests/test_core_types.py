@@ -8,7 +8,7 @@ import pickle
 import pytest
 from test_preprocess import ANISO_CASES, write_unified_dataset
 
-from aeval.data.plan import plan_datasets, plan_hash
+from aeval.data.planner import plan_datasets, plan_hash
 from aeval.dataset import UnifiedDataset
 from aeval.errors import CaseError, CaseFailure, FailureLog
 from aeval.plan import Plan

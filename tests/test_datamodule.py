@@ -15,7 +15,7 @@ from test_preprocess import blob_labels, write_unified_dataset
 
 from aeval.data.augment import AUGMENTATION_DEFAULTS, augmentation_config, extract_patch
 from aeval.data.datamodule import AEvalDataModule, EpochSeeds, deep_supervision_strides, split_cases
-from aeval.data.plan import plan_datasets
+from aeval.data.planner import plan_datasets
 from aeval.data.preprocess import preprocess_dataset
 
 

@@ -22,7 +22,7 @@ from nnunet_planner_reference import nnunet_plan_subprocess, to_ras  # noqa: E40
 
 from aeval.data.intensity import NNUNET_SEED, pooled_statistics  # noqa: E402
 from aeval.data.nnunet_export import export_dataset  # noqa: E402
-from aeval.data.plan import fingerprint_datasets, make_plan  # noqa: E402
+from aeval.data.planner import fingerprint_datasets, make_plan  # noqa: E402
 
 SAMPLES = 400_000  # foreground voxels in all, both planners (nnU-Net's default 1e8: the benchmark)
 STATS = ("mean", "std", "percentile_00_5", "percentile_99_5", "median", "min", "max")
@@ -67,7 +67,7 @@ def _both_planners(tmp, folders, samples):
     ours, names = {}, {}
     for i, folder in enumerate(folders, start=1):
         fingerprint = fingerprint_datasets([folder], max_intensity_samples=samples)
-        ours[folder.name] = (fingerprint, make_plan(fingerprint), folder)
+        ours[folder.name] = (fingerprint, make_plan(fingerprint).to_dict(), folder)
         names[folder.name] = export_dataset(folder, tmp / "raw", 500 + i).folder.name
     theirs = nnunet_plan_subprocess(tmp / "raw", tmp / "nnunet_pre", list(names.values()), samples)
     return {name: (*ours[name], theirs[names[name]]) for name in ours}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_preprocess import blob_labels, write_unified_dataset
 
-from aeval.data.plan import (
+from aeval.data.planner import (
     divisible_patch,
     fingerprint_datasets,
     fit_patch_size,

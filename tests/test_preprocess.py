@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import FAST_INTENSITY_SAMPLES, affine_for, write_nifti
 from nibabel import orientations
 
-from aeval.data.plan import plan_datasets
+from aeval.data.planner import plan_datasets
 from aeval.data.preprocess import (
     LABEL_SETS,
     PreprocessingFailed,

@@ -17,7 +17,7 @@ from conftest import CONF_DIR, FAST_PLAN
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from aeval.data.plan import plan_hash
+from aeval.data.planner import plan_hash
 from aeval.data.prepare import prepare
 from aeval.data.preprocess import preprocess_image
 from aeval.data.synthetic import generate_mini

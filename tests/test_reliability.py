@@ -25,7 +25,7 @@ import aeval.data.convert as convert_module
 import aeval.results as results_module
 import aeval.scoring as score_module
 from aeval.data.convert import convert_dataset
-from aeval.data.plan import fingerprint_datasets
+from aeval.data.planner import fingerprint_datasets
 from aeval.data.prepare import prepare
 from aeval.data.registry import DatasetSpec
 from aeval.errors import CaseError, FailureLog

@@ -4,12 +4,12 @@
 - :mod:`.convert`: a raw download -> the unified layout (:mod:`aeval.dataset`); :mod:`.prepare` runs it for every
   configured dataset.
 - :mod:`.synthetic`: the synthetic A-Eval-mini in every raw layout.
-- :mod:`.plan`: fingerprint and plan (nnU-Net v2 style) -> :class:`aeval.plan.Plan`.
+- :mod:`.planner`: fingerprint and plan (nnU-Net v2 style) -> :class:`aeval.plan.Plan`.
 - :mod:`.preprocess`: the plan applied to cases, the cache, and the way back to the original geometry.
 - :mod:`.augment`, :mod:`.datamodule`: training patches and their augmentation (Lightning DataModule).
 - :mod:`.nnunet_plans`, :mod:`.nnunet_preprocess`, :mod:`.nnunet_export`: nnU-Net's own plans and preprocessing
   for official checkpoints, and unified datasets written as nnU-Net raw datasets.
 """
 
-__all__ = ["augment", "convert", "datamodule", "nnunet_export", "nnunet_plans", "nnunet_preprocess", "plan",
+__all__ = ["augment", "convert", "datamodule", "nnunet_export", "nnunet_plans", "nnunet_preprocess", "planner",
            "prepare", "preprocess", "registry", "synthetic"]

@@ -1,7 +1,7 @@
 """Protocol 3 (multi-modal AMOS): one model on AMOS CT, MR or CT+MR.
 
 ``protocol.modality=ct|mr|ct_mr`` picks the training sets; the plan over their union normalises per image (z-score)
-whenever MR is present (aeval.data.plan). Cells are keyed ``multimodal / amos_{modality}``, and AMOS MR
+whenever MR is present (aeval.data.planner). Cells are keyed ``multimodal / amos_{modality}``, and AMOS MR
 validation joins the test sets.
 """
 

@@ -26,7 +26,7 @@ import torch
 
 from aeval.data.augment import AUGMENTATION_DEFAULTS
 from aeval.data.datamodule import AEvalDataModule
-from aeval.data.plan import plan_datasets
+from aeval.data.planner import plan_datasets
 from aeval.data.preprocess import preprocess_dataset
 from aeval.nifti import write_text_atomic
 

@@ -29,7 +29,7 @@ from nnunet_planner_reference import cpu_seconds, nnunet_plan, to_ras  # noqa: E
 from aeval.data import synthetic as S  # noqa: E402
 from aeval.data.convert import convert_dataset  # noqa: E402
 from aeval.data.nnunet_export import export_dataset  # noqa: E402
-from aeval.data.plan import fingerprint_datasets, make_plan  # noqa: E402
+from aeval.data.planner import fingerprint_datasets, make_plan  # noqa: E402
 from aeval.data.registry import DatasetSpec  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
@@ -80,7 +80,7 @@ def aeval_plan(folder: Path, samples: int) -> tuple[dict, dict, dict]:
     times = [(time.perf_counter(), cpu_seconds())]
     fingerprint = fingerprint_datasets([folder], max_intensity_samples=samples)
     times.append((time.perf_counter(), cpu_seconds()))
-    plan = make_plan(fingerprint)
+    plan = make_plan(fingerprint).to_dict()
     times.append((time.perf_counter(), cpu_seconds()))
     (w0, c0), (w1, c1), (w2, c2) = times
     return fingerprint, plan, {"fingerprint_wall_s": w1 - w0, "fingerprint_cpu_s": c1 - c0,
@@ -141,7 +141,7 @@ def scale_rows(tmp: Path) -> None:
         ours = make_plan({"sources_digest": "-", "datasets": [{"name": name, "modality": "CT",
                                                                 "label_system": "flare22"}],
                           "cases": [{"spacing": list(spacing), "shape": list(shape), "shape_after_crop": list(shape)}]
-                          * 10, "intensity": {"CT": stats}})
+                          * 10, "intensity": {"CT": stats}}).to_dict()
         patch = [int(n) for n in to_ras(fullres["patch_size"], forward, affine)]
         print(f"| {label} | {_fmt(ours['target_spacing'], 3)} / {_fmt(to_ras(fullres['spacing'], forward, affine), 3)}"
               f" | {ours['patch_size']} ({np.prod(ours['patch_size'])}) | {patch} ({np.prod(patch)}, "

@@ -93,7 +93,7 @@ def write_volume(path: Path, shape: list[int], spacing: list[float], seed: int =
 
 
 def benchmark_plan(target_spacing: list[float], patch: list[int]) -> dict:
-    from aeval.data.plan import plan_hash
+    from aeval.data.planner import plan_hash
 
     plan = {"datasets": [{"name": "synthetic", "modality": "CT", "label_system": "flare22"}],
             "axis_order": "RAS", "label_space": "flare22", "num_classes": 14,

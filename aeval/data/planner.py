@@ -27,13 +27,12 @@ from aeval.data.preprocess import (
     ANISOTROPY_THRESHOLD,
     CT_BODY_THRESHOLD,
     NUM_CLASSES,
-    case_files,
     crop_bbox,
     ras_order,
     ras_transform,
     to_ras,
-    training_cases,
 )
+from aeval.dataset import DATASET_JSON, UnifiedDataset
 from aeval.errors import FailureLog
 from aeval.labels import FLARE22_ORGANS
 from aeval.nifti import (
@@ -71,22 +70,23 @@ def sources_digest(dataset_dirs: Sequence[Path]) -> str:
     entries = []
     for dataset_dir in dataset_dirs:
         dataset_dir = Path(dataset_dir)
-        entries.append((str(dataset_dir.resolve()), (dataset_dir / "dataset.json").read_text()))
-        for case in training_cases(dataset_dir):
-            image, label = case_files(dataset_dir, case)
+        entries.append((str(dataset_dir.resolve()), (dataset_dir / DATASET_JSON).read_text()))
+        dataset = UnifiedDataset(dataset_dir)
+        for case in dataset.cases("train"):
+            image, label = dataset.case_files(case)
             entries.append((case, _stamp(image), _stamp(label)))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def _fingerprint_case(job: tuple[Path, str, str, int, int]) -> tuple[dict[str, Any], np.ndarray | None]:
     dataset_dir, case, modality, n_samples, seed = job
-    image_path, label_path = case_files(dataset_dir, case)
+    image_path, label_path = UnifiedDataset(dataset_dir).case_files(case)
     data, img = read_image(image_path)
     transform = ras_transform(img.affine)
     ras = to_ras(data, transform)
     bbox = crop_bbox(ras, modality, CT_BODY_THRESHOLD)
     record = {
-        "dataset": json.loads((dataset_dir / "dataset.json").read_text())["name"], "case": case,
+        "dataset": UnifiedDataset(dataset_dir).name, "case": case,
         "spacing": [float(s) for s in ras_order(spacing_of(img), transform)],
         "shape": [int(n) for n in ras.shape],
         "shape_after_crop": [hi - lo for lo, hi in bbox],
@@ -111,18 +111,17 @@ def fingerprint_datasets(dataset_dirs: list[Path], *, num_workers: int = 1,
     dataset_dirs = [Path(d) for d in dataset_dirs]
     datasets, jobs = [], []
     for dataset_dir in dataset_dirs:
-        meta = json.loads((dataset_dir / "dataset.json").read_text())
-        cases = training_cases(dataset_dir)
-        labelled = [c for c in cases if case_files(dataset_dir, c)[1] is not None]
-        datasets.append({"name": meta["name"], "modality": meta["modality"],
-                         "label_system": meta["label_system"], "dir": str(dataset_dir.resolve()),
+        dataset = UnifiedDataset(dataset_dir)
+        cases = dataset.cases("train")
+        labelled = [c for c in cases if dataset.case_files(c)[1] is not None]
+        datasets.append({**dataset.info(), "dir": str(dataset_dir.resolve()),
                          "num_cases": len(cases), "num_labelled": len(labelled)})
-        jobs += [(dataset_dir, case, meta["modality"], 0, 0) for case in cases]
+        jobs += [(dataset_dir, case, dataset.modality, 0, 0) for case in cases]
     labelled_ct = sum(d["num_labelled"] for d in datasets if d["modality"] == "CT")
     per_case = int(max_intensity_samples) // labelled_ct if labelled_ct else 0
     jobs = [(d, c, m, per_case, seed) for d, c, m, _, _ in jobs]
     results = map_cases(_fingerprint_case, jobs, num_workers=num_workers, context="spawn",
-                        path_of=lambda job: case_files(job[0], job[1])[0], description="fingerprint")
+                        path_of=lambda job: UnifiedDataset(job[0]).image(job[1]), description="fingerprint")
     failures = FailureLog(quiet=True)
     for result in failures_of(results):
         failures.add(result.as_error())
@@ -309,8 +308,8 @@ def plan_datasets(names: list[str], data_root: str | os.PathLike, preprocessed_r
         raise ValueError(f"plan.intensity_samples={intensity_samples}: it must be a positive number of voxels")
     dataset_dirs = [Path(data_root) / name for name in names]
     for dataset_dir in dataset_dirs:
-        if not (dataset_dir / "dataset.json").exists():
-            raise FileNotFoundError(f"{dataset_dir}: no dataset.json (convert the dataset first)")
+        if not UnifiedDataset(dataset_dir).exists():
+            raise FileNotFoundError(f"{dataset_dir}: no {DATASET_JSON} (convert the dataset first)")
     plan_dir = Path(preprocessed_root) / (plan_name or "+".join(names))
     fingerprint_path = plan_dir / "fingerprint.json"
     fingerprint = None
