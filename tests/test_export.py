@@ -15,7 +15,7 @@ import pytest
 from conftest import affine_for
 
 from aeval.data.nnunet_export import export_dataset, raw_dataset_name
-from aeval.nifti import CaseError
+from aeval.errors import CaseError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +82,8 @@ def test_export_cli_and_bad_input(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "aeval.export", "name=missing", "dataset_id=9", *common],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr
-    assert "missing: not a unified dataset" in bad.stdout
+    assert "missing: no dataset.json" in bad.stdout
     with pytest.raises(ValueError, match="1..999"):
         raw_dataset_name(1000, "x")
-    with pytest.raises(CaseError, match="not a unified dataset"):
+    with pytest.raises(CaseError, match="nowhere: no dataset.json"):
         export_dataset(tmp_path / "nowhere", tmp_path / "raw", 3)

@@ -27,9 +27,9 @@ from nnunet_reference import (  # noqa: E402
 from aeval.data.nnunet_plans import read_nnunet_plan  # noqa: E402
 from aeval.data.nnunet_preprocess import preprocess_nnunet  # noqa: E402
 from aeval.data.preprocess import from_ras, ras_transform  # noqa: E402
+from aeval.errors import CaseError  # noqa: E402
 from aeval.models.load import LoadedModel, load_model  # noqa: E402
 from aeval.models.official import SoftmaxOutput  # noqa: E402
-from aeval.nifti import CaseError  # noqa: E402
 from aeval.prediction import make_predictor, predict_files  # noqa: E402
 
 POOLS = [[2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]]

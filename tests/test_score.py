@@ -184,7 +184,7 @@ def test_config_composes():
 
 
 def test_missing_folders_are_one_line_errors(tmp_path):
-    from aeval.nifti import CaseError
+    from aeval.errors import CaseError
 
     with pytest.raises(CaseError, match="folder not found"):
         score_folder(tmp_path / "nope", tmp_path, "amos", "amos", progress=False)

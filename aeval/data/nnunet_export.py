@@ -17,8 +17,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from aeval.dataset import UnifiedDataset
+from aeval.errors import CaseError
 from aeval.labels import get_system
-from aeval.nifti import CaseError, atomic_path, write_text_atomic
+from aeval.nifti import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +73,20 @@ def export_dataset(dataset_dir: str | Path, out_root: str | Path, dataset_id: in
     """Write ``{out_root}/Dataset{NNN}_{name}`` from the unified dataset at ``dataset_dir``.
 
     Raises :class:`CaseError` naming the folder when it is not a unified dataset."""
-    dataset_dir = Path(dataset_dir)
-    try:
-        meta = json.loads((dataset_dir / "dataset.json").read_text())
-        name = meta["name"]
-    except (OSError, ValueError, KeyError) as err:
-        raise CaseError(dataset_dir, f"not a unified dataset (dataset.json: {type(err).__name__}: {err})") from None
-    folder = Path(out_root) / raw_dataset_name(dataset_id, name)
+    dataset = UnifiedDataset(dataset_dir)
+    meta = dataset.meta  # a CaseError naming the folder when it is not a unified dataset
+    folder = Path(out_root) / raw_dataset_name(dataset_id, dataset.name)
+    exported = UnifiedDataset(folder)  # nnU-Net's raw layout is the unified one: imagesTr/<case>_0000.nii.gz, ...
     counts = {"train": 0, "test": 0, "skipped": 0}
-    for split, (images, labels) in {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}.items():
-        for image in sorted((dataset_dir / images).glob("*_0000.nii.gz")):
-            case = image.name.removesuffix("_0000.nii.gz")
-            label = dataset_dir / labels / f"{case}.nii.gz"
+    for split in ("train", "test"):
+        for case in dataset.cases(split):
+            image, label = dataset.image(case, split), dataset.label(case, split)
             if split == "train" and not label.exists():
                 counts["skipped"] += 1
                 continue
-            _place(image, folder / images / image.name, link)
+            _place(image, exported.image(case, split), link)
             if label.exists():
-                _place(label, folder / labels / label.name, link)
+                _place(label, exported.label(case, split), link)
             counts[split] += 1
     if not counts["train"]:
         raise CaseError(dataset_dir, "no labelled training case to export (nnU-Net needs a label for every "

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from aeval.nifti import CaseError
+from aeval.errors import CaseError
 
 CONVENTION = "nnunet"
 DEFAULT_CONFIGURATION = "3d_fullres"

@@ -28,7 +28,8 @@ import torch
 from scipy import ndimage
 
 from aeval.data.preprocess import from_ras, ras_order, ras_transform, resampled_argmax, to_ras
-from aeval.nifti import CaseError, read_array, spacing_of
+from aeval.errors import CaseError
+from aeval.nifti import read_array, spacing_of
 
 ANISO_THRESHOLD = 3.0
 EPS = 1e-8

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from aeval.data.nnunet_plans import DEFAULT_CONFIGURATION, REORIENT_MODES, is_nnunet_plan, read_nnunet_plan
+from aeval.errors import CaseError
 from aeval.models.pretrained import DEFAULT_PREFIXES, load_pretrained, read_checkpoint
 from aeval.models.stunet import STUNET_SIZES, build_stunet
-from aeval.nifti import CaseError
 
 log = logging.getLogger(__name__)
 FIRST_CONV = "conv_blocks_context.0.0.conv1.weight"
