@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -121,6 +122,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def file_stamp(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Path, size and modification time of a file (None for no file): a cached result stays valid while its
+    source files' stamps are unchanged (conversion, the fingerprint and the preprocessing cache all check it)."""
+    if path is None or not Path(path).exists():
+        return None
+    stat = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, older_than: float = 60.0) -> list[Path]:

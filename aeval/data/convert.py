@@ -33,6 +33,7 @@ from aeval.labels import get_system
 from aeval.nifti import (
     atomic_path,
     check_same_geometry,
+    file_stamp,
     load_nifti,
     read_array,
     read_image,
@@ -80,11 +81,8 @@ def _source_key(raw: RawCase) -> str:
     files = [raw.image]
     if raw.label is not None:
         files += sorted(raw.label.glob("*.nii.gz")) if raw.label.is_dir() else [raw.label]
-    parts = []
-    for f in files:
-        st = f.stat() if f.exists() else None
-        parts.append(f"{f}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}")
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+    stamps = [file_stamp(f) or {"path": str(f)} for f in files]
+    return hashlib.sha1(json.dumps(stamps).encode()).hexdigest()
 
 
 def merge_totalseg(folder: Path, reference: nib.Nifti1Image, system: str, *, missing_ok: bool = False) -> np.ndarray:

@@ -37,6 +37,7 @@ from aeval.errors import FailureLog
 from aeval.labels import FLARE22_ORGANS
 from aeval.nifti import (
     check_same_geometry,
+    file_stamp,
     read_image,
     read_label,
     spacing_of,
@@ -58,13 +59,6 @@ INTENSITY_SEED = NNUNET_SEED
 
 # --- fingerprint ---------------------------------------------------------------------------------------
 
-def _stamp(path: Path | None) -> list:
-    if path is None or not path.exists():
-        return [None]
-    stat = path.stat()
-    return [path.name, stat.st_size, stat.st_mtime_ns]
-
-
 def sources_digest(dataset_dirs: Sequence[Path]) -> str:
     """A hash of every training file's name, size and mtime: a fingerprint is reused while it matches."""
     entries = []
@@ -74,7 +68,7 @@ def sources_digest(dataset_dirs: Sequence[Path]) -> str:
         dataset = UnifiedDataset(dataset_dir)
         for case in dataset.cases("train"):
             image, label = dataset.case_files(case)
-            entries.append((case, _stamp(image), _stamp(label)))
+            entries.append((case, file_stamp(image), file_stamp(label)))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 

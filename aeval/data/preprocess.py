@@ -48,6 +48,7 @@ from aeval.labels import COMPOSITE_ORGANS, FLARE22_ORGANS, flare22_sets, get_sys
 from aeval.nifti import (
     atomic_path,
     check_same_geometry,
+    file_stamp,
     load_nifti,
     read_array,
     read_label,
@@ -458,13 +459,6 @@ def restore_labels(seg: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
 
 # --- the cache -----------------------------------------------------------------------------------------
 
-def _source_stamp(path: Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, np.ascontiguousarray(array))
@@ -511,7 +505,7 @@ def cache_case(dataset_dir: Path, case: str, plan: Plan, cache_dir: Path,
     image, seg, properties = preprocess_case(image_path, label_path, plan, dataset["label_system"],
                                              dataset["modality"])
     properties.update(case=case, dataset=dataset["name"], labelled=seg is not None,
-                      sources={"image": _source_stamp(image_path), "label": _source_stamp(label_path)})
+                      sources={"image": file_stamp(image_path), "label": file_stamp(label_path)})
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / f"{case}.json").unlink(missing_ok=True)
     _save_npy(cache_dir / f"{case}.npy", image)
@@ -564,7 +558,7 @@ def preprocess_dataset(dataset_dir: str | os.PathLike, plan_path: str | os.PathL
     todo = []
     for case in cases:
         image, label = case_files(dataset_dir, case)
-        sources = {"image": _source_stamp(image) if image.exists() else None, "label": _source_stamp(label)}
+        sources = {"image": file_stamp(image), "label": file_stamp(label)}
         if cached_properties(cache_dir, case, plan.hash, sources) is None:
             todo.append(case)
     jobs = [(dataset_dir, case, plan, cache_dir, dataset_info) for case in todo]
