@@ -25,9 +25,9 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from aeval.data.cache import preprocess_dataset
 from aeval.data.datamodule import AEvalDataModule
 from aeval.data.planner import plan_datasets
-from aeval.data.preprocess import preprocess_dataset
 from aeval.keys import RunKey
 from aeval.nifti import remove_stale_temporaries, write_text_atomic
 from aeval.plan import Plan

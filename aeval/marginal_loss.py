@@ -26,14 +26,14 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from aeval.data.preprocess import LABEL_SETS, NUM_CLASSES
+from aeval.data.label_codes import LABEL_SETS, NUM_CLASSES
 
 
 class MarginalDiceCELoss(nn.Module):
     """Dice + CE against set-valued targets (see the module docstring).
 
     ``label_sets`` maps each label code to the classes it stands for (codes ``< num_classes`` are single
-    classes; :data:`aeval.data.preprocess.LABEL_SETS` by default). Code 0 means "unlabelled": its set is the
+    classes; :data:`aeval.data.label_codes.LABEL_SETS` by default). Code 0 means "unlabelled": its set is the
     sample's background set, background plus the classes its ``annotated`` row marks False.
     """
 

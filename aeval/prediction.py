@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from aeval.console import console
 from aeval.data.nnunet_preprocess import nnunet_gaussian, preprocess_nnunet, restore_nnunet
-from aeval.data.preprocess import preprocess_image, restore_to_original
+from aeval.data.preprocess import preprocess_image
+from aeval.data.restore import restore_to_original
 from aeval.errors import CaseError, FailureLog
 from aeval.inference import SlidingWindowPredictor
 from aeval.labels import remap

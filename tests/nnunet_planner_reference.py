@@ -84,7 +84,7 @@ def nnunet_plan_subprocess(raw_root: Path, preprocessed_root: Path, dataset_name
 def to_ras(values: Sequence[float], transpose_forward: Sequence[int], affine: np.ndarray) -> list[float]:
     """Per-axis values of nnU-Net's network order (its ``transpose_forward`` of SimpleITK's (z, y, x) of the
     stored orientation) in aeval's RAS order, for images stored with ``affine``."""
-    from aeval.data.preprocess import ras_order, ras_transform
+    from aeval.data.geometry import ras_order, ras_transform
 
     sitk_order = [0.0] * 3
     for axis, value in zip(transpose_forward, values, strict=True):

@@ -14,9 +14,9 @@ from conftest import FAST_INTENSITY_SAMPLES
 from test_preprocess import blob_labels, write_unified_dataset
 
 from aeval.data.augment import AUGMENTATION_DEFAULTS, augmentation_config, extract_patch
+from aeval.data.cache import preprocess_dataset
 from aeval.data.datamodule import AEvalDataModule, EpochSeeds, deep_supervision_strides, split_cases
 from aeval.data.planner import plan_datasets
-from aeval.data.preprocess import preprocess_dataset
 
 
 def _cache(root: Path, name: str, cases: list[dict], patch, **kwargs) -> tuple[Path, dict]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from aeval.data.preprocess import LABEL_SETS
+from aeval.data.label_codes import LABEL_SETS
 from aeval.labels import annotated_classes
 from aeval.marginal_loss import MarginalDiceCELoss
 from aeval.module import STUNetModule

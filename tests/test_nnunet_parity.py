@@ -24,9 +24,9 @@ from nnunet_reference import (  # noqa: E402
     write_v2_model,
 )
 
+from aeval.data.geometry import from_ras, ras_transform  # noqa: E402
 from aeval.data.nnunet_plans import read_nnunet_plan  # noqa: E402
 from aeval.data.nnunet_preprocess import preprocess_nnunet  # noqa: E402
-from aeval.data.preprocess import from_ras, ras_transform  # noqa: E402
 from aeval.errors import CaseError  # noqa: E402
 from aeval.models.load import LoadedModel, load_model  # noqa: E402
 from aeval.models.official import SoftmaxOutput  # noqa: E402

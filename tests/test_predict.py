@@ -20,8 +20,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
+from aeval.data.geometry import ras_order, ras_transform
 from aeval.data.planner import divisible_patch, plan_hash
-from aeval.data.preprocess import ras_order, ras_transform
 from aeval.errors import CaseError, FailureLog
 from aeval.models.load import LoadedModel, load_model
 from aeval.models.stunet import build_stunet

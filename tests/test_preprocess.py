@@ -15,24 +15,12 @@ import torch.nn.functional as F
 from conftest import FAST_INTENSITY_SAMPLES, affine_for, write_nifti
 from nibabel import orientations
 
+from aeval.data.cache import PreprocessingFailed, cached_properties, load_or_rebuild_case, preprocess_dataset
+from aeval.data.geometry import from_ras, resample_image, resampled_argmax, to_ras
+from aeval.data.label_codes import LABEL_SETS, codes_to_classes
 from aeval.data.planner import plan_datasets
-from aeval.data.preprocess import (
-    LABEL_SETS,
-    PreprocessingFailed,
-    cached_properties,
-    codes_to_classes,
-    from_ras,
-    load_or_rebuild_case,
-    normalise,
-    preprocess_case,
-    preprocess_dataset,
-    preprocess_image,
-    resample_image,
-    resampled_argmax,
-    restore_labels,
-    restore_to_original,
-    to_ras,
-)
+from aeval.data.preprocess import normalise, preprocess_case, preprocess_image
+from aeval.data.restore import restore_labels, restore_to_original
 from aeval.errors import FailureLog
 from aeval.labels import remap
 from aeval.plan import Plan
@@ -344,7 +332,7 @@ def test_restore_of_a_full_size_ct_stays_within_2gb(tmp_path):
 
     script = r"""
 import resource, sys, numpy as np, torch
-from aeval.data.preprocess import restore_to_original
+from aeval.data.restore import restore_to_original
 props = {"shape_after_resample": [256, 256, 200], "shape_after_crop": [512, 512, 400], "z_axis": None,
          "ras_shape": [512, 512, 400], "crop_bbox": [[0, 512], [0, 512], [0, 400]],
          "ras_transform": [[0, -1], [1, -1], [2, 1]], "original": {"shape": [512, 512, 400]}}

@@ -13,7 +13,7 @@ validation belongs to inference.
 
 A batch: ``image`` (B,1,X,Y,Z) float32; ``target`` (B,1,X,Y,Z) int64 FLARE22 classes (voxels whose source
 label stands for a SET of classes — WORD's adrenal — are 0 there, as :func:`aeval.labels.to_flare22` does;
-with ``target_codes=True`` they keep their code >= 14, see :data:`aeval.data.preprocess.LABEL_SETS`);
+with ``target_codes=True`` they keep their code >= 14, see :data:`aeval.data.label_codes.LABEL_SETS`);
 ``annotated`` (B,14) bool, the classes the case's label system annotates plus background; ``targets_ds``
 the target at every deep-supervision resolution, full resolution first (strided, no pooling);
 ``case`` the ``dataset/case`` keys.
@@ -35,7 +35,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from aeval.data.augment import PatchAugmenter, augmentation_config, extract_patch
-from aeval.data.preprocess import CACHE_MANIFEST, NUM_CLASSES, codes_to_classes, load_or_rebuild_case
+from aeval.data.cache import CACHE_MANIFEST, load_or_rebuild_case
+from aeval.data.label_codes import NUM_CLASSES, codes_to_classes
 from aeval.labels import annotated_classes
 from aeval.plan import Plan
 

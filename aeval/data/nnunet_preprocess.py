@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from aeval.data.preprocess import from_ras, ras_order, ras_transform, resampled_argmax, to_ras
+from aeval.data.geometry import from_ras, ras_order, ras_transform, resampled_argmax, to_ras
 from aeval.errors import CaseError
 from aeval.nifti import read_array, spacing_of
 

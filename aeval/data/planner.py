@@ -22,16 +22,9 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import aff2axcodes
 
+from aeval.data.geometry import ANISOTROPY_THRESHOLD, crop_bbox, ras_order, ras_transform, to_ras
 from aeval.data.intensity import NNUNET_SEED, NNUNET_TOTAL_SAMPLES, foreground_samples, pooled_statistics
-from aeval.data.preprocess import (
-    ANISOTROPY_THRESHOLD,
-    CT_BODY_THRESHOLD,
-    NUM_CLASSES,
-    crop_bbox,
-    ras_order,
-    ras_transform,
-    to_ras,
-)
+from aeval.data.label_codes import NUM_CLASSES
 from aeval.dataset import DATASET_JSON, UnifiedDataset
 from aeval.errors import FailureLog
 from aeval.labels import FLARE22_ORGANS
@@ -44,7 +37,7 @@ from aeval.nifti import (
     write_text_atomic,
 )
 from aeval.parallel import failures_of, map_cases
-from aeval.plan import Plan
+from aeval.plan import CT_BODY_THRESHOLD, Plan
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from aeval.data.augment import AUGMENTATION_DEFAULTS
+from aeval.data.cache import preprocess_dataset
 from aeval.data.datamodule import AEvalDataModule
 from aeval.data.planner import plan_datasets
-from aeval.data.preprocess import preprocess_dataset
 from aeval.nifti import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -110,7 +110,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
-    from aeval.data.preprocess import resampled_shape
+    from aeval.data.geometry import resampled_shape
     from aeval.models.load import LoadedModel
     from aeval.models.stunet import build_stunet
     from aeval.prediction import make_predictor, predict_file
