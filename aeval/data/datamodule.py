@@ -7,6 +7,11 @@ resumed run sees the same stream. Cases are drawn uniformly over all caches (joi
 by case count). With probability ``oversample_foreground`` a patch is centred on a foreground voxel: a class
 present in the case is picked uniformly, then one of its voxels (class locations precomputed in the cache).
 
+With ``augment_on="gpu"`` the training workers only cut each patch's region
+(:func:`aeval.data.augment.cut_region`, the same draws from the same seed) and
+:meth:`AEvalDataModule.on_after_batch_transfer` resamples and augments the batch on the device it was
+moved to, so with the same seeds the batches are those of ``"cpu"``.
+
 Validation uses fixed patches, no augmentation: per held-out case one patch centred on foreground (class
 drawn with a per-case seed) and ``val_patches_per_case - 1`` random ones. Whole-case sliding-window
 validation belongs to inference.
