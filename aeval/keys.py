@@ -26,7 +26,7 @@ TRAINING_SETTINGS = ("module", "model", "trainer", "data", "optim", "scheduler",
 # ``trainer.max_steps`` pauses a run (it resumes from last.ckpt), so it is not part of what the run is.
 NOT_HASHED = {"trainer": ("_target_", "accelerator", "strategy", "enable_progress_bar", "log_every_n_steps",
                           "enable_model_summary", "max_steps", "num_sanity_val_steps"),
-              "data": ("num_workers",)}
+              "data": ("num_workers", "augment_on")}
 
 
 MODEL_SIZES = ("tiny", "s", "b", "l", "h")  # STU-Net's sizes (aeval.models.stunet builds each); tiny is for CPUs

@@ -113,6 +113,7 @@ def check_train_config(cfg: Mapping[str, Any], *, datasets: bool = True) -> None
     _check_target(cfg, "optim", torch.optim.Optimizer)
     _check_target(cfg, "loss", torch.nn.Module)
     _choice(cfg, "trainer.precision", PRECISIONS)
+    _choice(cfg, "data.augment_on", ["cpu", "gpu"])
     _choice(cfg, "dataset.label_system", LABEL_SYSTEMS)
     _number(cfg, "trainer.max_epochs", lambda v: v >= 1, "an integer >= 1", integer=True)
     _number(cfg, "data.iterations_per_epoch", lambda v: v >= 1, "an integer >= 1", integer=True)

@@ -74,7 +74,8 @@ def test_run_hash_covers_what_changes_the_weights_and_nothing_else():
                     ["model=stu_s"], ["data.batch_size=4"], ["plan.patch_size=[64,64,64]"]):
         assert hashed(*changes) != base, changes
     for same in (["paths.root_dir=/elsewhere"], ["logger=csv"], ["trainer.enable_progress_bar=false"],
-                 ["data.num_workers=0"], ["trainer.max_steps=5"], ["dataset=amos_ct"], ["trainer=gpu"]):
+                 ["data.num_workers=0"], ["data.augment_on=gpu"], ["trainer.max_steps=5"], ["dataset=amos_ct"],
+                 ["trainer=gpu"]):
         assert hashed(*same) == base, same
     pseudo = ["protocol=pseudo_label"]
     assert hashed(*pseudo, "protocol.confidence_threshold=0.5") != hashed(*pseudo, "protocol.confidence_threshold=0.9")

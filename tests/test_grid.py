@@ -75,3 +75,22 @@ def test_two_cell_sweep_skips_finished_cells_and_reports_failures(tmp_path, no_w
     assert tables
     table = json.loads(max(tables, key=lambda p: p.stat().st_mtime_ns).read_text())  # the second run's summary
     assert {"train", "flare22_dsc", "btcv_dsc", "mean_dsc"} <= set(table["columns"])
+
+
+@pytest.mark.slow
+def test_rows_in_parallel_processes_write_the_same_cells(tmp_path, no_wandb_credentials):
+    """``grid.row_workers=2`` (the demo's setting): two rows in their own processes give exactly the cells of
+    the rows run in turn in this process."""
+    summaries = {}
+    for workers in (1, 2):
+        root = tmp_path / f"workers{workers}"
+        cfg = grid_config(root, "grid.train_sets=[flare22,amos_ct]", "grid.test_sets=[flare22]",
+                          f"grid.row_workers={workers}")
+        cfg.grid.synthetic.cases["amos_ct"].update(train=2, val=1)
+        outcome = run_grid(cfg)
+        assert outcome.missing == [] and outcome.failures.exit_code() == 0
+        summaries[workers] = {
+            str(p.relative_to(root)): {k: v for k, v in json.loads(p.read_text()).items()
+                                       if k in ("mean_dsc", "mean_nsd", "organs", "n_cases")}
+            for p in sorted((root / "outputs/results").glob("individual/*/*/*/*/aeval/summary.json"))}
+    assert len(summaries[1]) == 2 and summaries[1] == summaries[2]

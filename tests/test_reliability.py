@@ -342,6 +342,7 @@ def train_config(tmp_path: Path, *overrides: str):
     ("optim._target_=torch.nn.Linear", "optim._target_=torch.nn.Linear: not a torch.optim.optimizer.Optimizer"),
     ("trainer.precision=fp16", "trainer.precision=fp16: unknown; known: 32-true"),
     ("model.size=xl", "model.size=xl: unknown; known: b, h, l, s, tiny"),
+    ("data.augment_on=tpu", "data.augment_on=tpu: unknown; known: cpu, gpu"),
     ("train_sets=[flare23]", "train_sets: unknown dataset 'flare23'; known: amos_ct"),
     ("train_sets=[word]", "train_sets: dataset 'word' is not converted"),
 ])

@@ -7,6 +7,11 @@ resumed run sees the same stream. Cases are drawn uniformly over all caches (joi
 by case count). With probability ``oversample_foreground`` a patch is centred on a foreground voxel: a class
 present in the case is picked uniformly, then one of its voxels (class locations precomputed in the cache).
 
+With ``augment_on="gpu"`` the training workers only cut each patch's region
+(:func:`aeval.data.augment.cut_region`, the same draws from the same seed) and
+:meth:`AEvalDataModule.on_after_batch_transfer` resamples and augments the batch on the device it was
+moved to, so with the same seeds the batches are those of ``"cpu"``.
+
 Validation uses fixed patches, no augmentation: per held-out case one patch centred on foreground (class
 drawn with a per-case seed) and ``val_patches_per_case - 1`` random ones. Whole-case sliding-window
 validation belongs to inference.
@@ -32,9 +37,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from aeval.data.augment import PatchAugmenter, augmentation_config, extract_patch
+from aeval.data.augment import PatchAugmenter, augmentation_config, cut_region, extract_patch, resample_region
 from aeval.data.cache import CACHE_MANIFEST, load_or_rebuild_case
 from aeval.data.label_codes import NUM_CLASSES, codes_to_classes
 from aeval.labels import annotated_classes
@@ -101,8 +106,9 @@ class _Patches(Dataset):
 
     def __init__(self, cases: Sequence[CachedCase], patch_size: Sequence[int],
                  strides: list[list[int]] | None, oversample_foreground: float,
-                 augmenter: PatchAugmenter | None, target_codes: bool):
+                 augmenter: PatchAugmenter | None, target_codes: bool, defer: bool = False):
         self.cases = list(cases)
+        self.defer = defer  # augment_on=gpu: only cut regions here, augment after the transfer
         self.patch_size = np.asarray(patch_size, dtype=int)
         self.strides = strides
         self.oversample_foreground = oversample_foreground
@@ -150,16 +156,52 @@ class _Patches(Dataset):
         lower = self.lower_corner(case, rng, foreground)
         image, labels = self._memory_maps(case)
         matrix = self.augmenter.spatial_matrix(rng) if self.augmenter else None
+        if self.defer and self.augmenter:
+            image_region, label_region, centre = cut_region(image, labels, lower, self.patch_size, matrix)
+            return {"region_image": image_region, "region_labels": label_region, "centre": centre,
+                    "matrix": torch.from_numpy(np.eye(3) if matrix is None else np.asarray(matrix, dtype=float)),
+                    "spatial": matrix is not None, "seed": int(rng.integers(2**31)),
+                    "annotated": torch.tensor(case.annotated, dtype=torch.bool), "case": case.key}
         image_patch, label_patch = extract_patch(image, labels, lower, self.patch_size, matrix)
         if self.augmenter:
             image_patch, label_patch = self.augmenter(image_patch, label_patch, int(rng.integers(2**31)))
-        codes = label_patch.round().to(torch.uint8) if label_patch.is_floating_point() else label_patch
-        target = (codes if self.target_codes else codes_to_classes(codes)).long()
-        sample = {"image": image_patch.float().contiguous(), "target": target,
-                  "annotated": torch.tensor(case.annotated, dtype=torch.bool), "case": case.key}
-        if self.strides is not None:
-            sample["targets_ds"] = [target[:, ::sx, ::sy, ::sz].contiguous() for sx, sy, sz in self.strides]
-        return sample
+        return {**finish_patch(image_patch, label_patch, self.strides, self.target_codes),
+                "annotated": torch.tensor(case.annotated, dtype=torch.bool), "case": case.key}
+
+
+def finish_patch(image_patch: torch.Tensor, label_patch: torch.Tensor, strides: list[list[int]] | None,
+                 target_codes: bool) -> dict[str, Any]:
+    """``image``, ``target`` (classes or codes) and ``targets_ds`` of an augmented patch."""
+    codes = label_patch.round().to(torch.uint8) if label_patch.is_floating_point() else label_patch
+    target = (codes if target_codes else codes_to_classes(codes)).long()
+    sample = {"image": image_patch.float().contiguous(), "target": target}
+    if strides is not None:
+        sample["targets_ds"] = [target[:, ::sx, ::sy, ::sz].contiguous() for sx, sy, sz in strides]
+    return sample
+
+
+def collate_patches(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate``, except that the regions of deferred samples (sizes differ with the drawn
+    rotation/scaling) stay lists."""
+    if "region_image" not in samples[0]:
+        return default_collate(samples)
+    lists = ("region_image", "region_labels", "case")
+    batch = default_collate([{k: v for k, v in s.items() if k not in lists} for s in samples])
+    return {**batch, **{k: [s[k] for s in samples] for k in lists}}
+
+
+def augment_deferred(batch: dict[str, Any], augmenter: PatchAugmenter, patch_size: Sequence[int],
+                     strides: list[list[int]] | None, target_codes: bool) -> dict[str, Any]:
+    """A batch of :func:`collate_patches` regions -> the training batch, augmented where the regions are
+    (the device, for ``augment_on=gpu``): the same resampling and the same draws (per-sample seeds) as the
+    in-worker path, so with the same seeds the batch is the one ``augment_on=cpu`` gives."""
+    samples = []
+    for k, (image, labels) in enumerate(zip(batch["region_image"], batch["region_labels"], strict=True)):
+        if bool(batch["spatial"][k]):
+            image, labels = resample_region(image, labels, batch["centre"][k], patch_size, batch["matrix"][k])
+        image, labels = augmenter(image.float(), labels, int(batch["seed"][k]))
+        samples.append(finish_patch(image, labels, strides, target_codes))
+    return {**default_collate(samples), "annotated": batch["annotated"], "case": batch["case"]}
 
 
 class TrainingPatches(_Patches):
@@ -232,8 +274,12 @@ class AEvalDataModule(L.LightningDataModule):
                  num_workers: int = 0, oversample_foreground: float = 0.33,
                  augment: bool | dict[str, Any] = True, deep_supervision: bool = True,
                  val_patches_per_case: int = 2, target_codes: bool = False, seed: int = 0,
-                 patch_size: Sequence[int] | None = None):
+                 patch_size: Sequence[int] | None = None, augment_on: str = "cpu"):
         super().__init__()
+        if augment_on not in ("cpu", "gpu"):
+            raise ValueError(f"data.augment_on must be 'cpu' or 'gpu', got {augment_on!r}")
+        self.augment_on = augment_on
+        self._augmenter: PatchAugmenter | None = None
         self.cache_dirs = [Path(d) for d in cache_dirs]
         self.plan = plan = Plan.from_dict(plan)
         self.batch_size = int(batch_size)
@@ -287,13 +333,15 @@ class AEvalDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=False)
+                          pin_memory=torch.cuda.is_available(), drop_last=False, collate_fn=collate_patches)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         samples = self.iterations_per_epoch * self.batch_size
+        self._augmenter = PatchAugmenter(self.augmentation)
         dataset = TrainingPatches(self.train_cases, self.patch_size, self.strides, self.oversample_foreground,
-                                  PatchAugmenter(self.augmentation), self.target_codes, samples_per_epoch=samples)
+                                  self._augmenter, self.target_codes, defer=self.augment_on == "gpu",
+                                  samples_per_epoch=samples)
         return self._loader(dataset, EpochSeeds(samples, self.seed, self._rank_and_world()[0]))
 
     def val_dataloader(self) -> DataLoader | list:
@@ -307,6 +355,13 @@ class AEvalDataModule(L.LightningDataModule):
         # be left without batches, or the others would wait for it in the gather of the Dice counts
         shard = [i % len(dataset) for i in range(rank, -(-len(dataset) // world) * world, world)]
         return self._loader(dataset, shard if world > 1 else None)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``augment_on=gpu``: the spatial and intensity augmentation of a training batch, on the device the
+        batch was moved to."""
+        if isinstance(batch, dict) and "region_image" in batch and self._augmenter is not None:
+            return augment_deferred(batch, self._augmenter, self.patch_size, self.strides, self.target_codes)
+        return batch
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,53 @@ def prepare_synthetic(cfg: DictConfig, rows: Sequence[GridRow], failures: Failur
     failures.merge(convert_failures)
 
 
+def _run_one_row(job: DictConfig, row: GridRow, tests: Sequence[str], failures: FailureLog) -> None:
+    """One row; a failure becomes a line (one failed row must not stop the grid)."""
+    try:
+        run_row(job, tests, failures)
+    except Exception as err:  # any error of a row is reported, the grid goes on
+        failures.add(f"grid row {row.name} failed: {type(err).__name__}: {err}", None)
+        log_job_to_wandb({})
+
+
+def _row_process(job: dict, row: GridRow, tests: list[str]) -> list[str]:
+    """A row in a worker process of :func:`run_rows`; returns its failure lines (the parent prints them)."""
+    failures = FailureLog(printer=lambda line: None)
+    _run_one_row(OmegaConf.create(job), row, tests, failures)
+    return failures.failures
+
+
+def run_rows(cfg: DictConfig, rows: Sequence[GridRow], tests: Sequence[str], failures: FailureLog) -> list[RunKey]:
+    """The rows in turn, or ``grid.row_workers`` of them at a time in their own processes (rows are
+    independent: each trains from its own seed and writes its own cells, so the cells are the same; on a
+    small CPU give each process ``torch_threads`` = cores / row_workers). Returns the rows' keys."""
+    jobs, keys = [], []
+    for row in rows:
+        try:
+            job = row_config(cfg, row)
+            keys.append(row_key(job))
+            jobs.append((row, job))
+        except Exception as err:  # a bad row is reported, the others go on
+            failures.add(f"grid row {row.name} failed: {type(err).__name__}: {err}", None)
+    workers = min(int(cfg.grid.get("row_workers") or 1), len(jobs))
+    if workers <= 1:
+        for row, job in jobs:
+            _run_one_row(job, row, tests, failures)
+        return keys
+    context = multiprocessing.get_context("spawn")  # no forked copies of torch/OpenMP state or W&B threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_row_process, OmegaConf.to_container(job, resolve=False), row, list(tests)): row
+                   for row, job in jobs}
+        for future, row in futures.items():
+            try:
+                lines = future.result()
+            except Exception as err:  # a worker that died
+                lines = [f"grid row {row.name} failed: {type(err).__name__}: {err}"]
+            for line in lines:
+                failures.add(line, None)
+    return keys
+
+
 def report_spec(cfg: DictConfig) -> ReportSpec:
     """What the grid's report covers, from the config (picklable, for the multirun-end callback)."""
     return ReportSpec(str(cfg.paths.results_root), metric_key(cfg.metric.name, cfg.metric.classes),
@@ -200,15 +249,7 @@ def run_grid(cfg: DictConfig) -> GridOutcome:
     if cfg.grid.get("synthetic"):
         prepare_synthetic(cfg, rows, failures)
     tests = [str(t) for t in cfg.grid.test_sets]
-    runs = []
-    for row in rows:
-        try:
-            job = row_config(cfg, row)
-            runs.append(row_key(job))
-            run_row(job, tests, failures)
-        except Exception as err:  # one failed row must not stop the grid
-            failures.add(f"grid row {row.name} failed: {type(err).__name__}: {err}", None)
-            log_job_to_wandb({})
+    runs = run_rows(cfg, rows, tests, failures)
     spec = report_spec(cfg)
     if HydraConfig.initialized():
         write_text_atomic(Path(HydraConfig.get().runtime.output_dir) / GRID_RUNS_JSON, json.dumps(
