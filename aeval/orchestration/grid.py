@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from aeval.console import console
 from aeval.data.prepare import prepare, summary_table
 from aeval.data.synthetic import generate_mini
-from aeval.errors import FailureLog
+from aeval.errors import CaseFailure, FailureLog
 from aeval.evaluation import evaluate
 from aeval.fit import folder_lock, train
 from aeval.keys import RunKey, model_name, run_hash
@@ -196,11 +196,11 @@ def _run_one_row(job: DictConfig, row: GridRow, tests: Sequence[str], failures: 
         log_job_to_wandb({})
 
 
-def _row_process(job: dict, row: GridRow, tests: list[str]) -> list[str]:
-    """A row in a worker process of :func:`run_rows`; returns its failure lines (the parent prints them)."""
-    failures = FailureLog(printer=lambda line: None)
+def _row_process(job: dict, row: GridRow, tests: list[str]) -> list[CaseFailure]:
+    """A row in a worker process of :func:`run_rows`; returns its failure records (the parent logs them)."""
+    failures = FailureLog(quiet=True)
     _run_one_row(OmegaConf.create(job), row, tests, failures)
-    return failures.failures
+    return failures.records
 
 
 def run_rows(cfg: DictConfig, rows: Sequence[GridRow], tests: Sequence[str], failures: FailureLog) -> list[RunKey]:
@@ -226,11 +226,9 @@ def run_rows(cfg: DictConfig, rows: Sequence[GridRow], tests: Sequence[str], fai
                    for row, job in jobs}
         for future, row in futures.items():
             try:
-                lines = future.result()
+                failures.extend(future.result())
             except Exception as err:  # a worker that died
-                lines = [f"grid row {row.name} failed: {type(err).__name__}: {err}"]
-            for line in lines:
-                failures.add(line, None)
+                failures.add(f"grid row {row.name} failed: {type(err).__name__}: {err}")
     return keys
 
 
