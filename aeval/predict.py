@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from aeval.console import console
+from aeval.cpu import set_torch_threads
 from aeval.data.nnunet_plans import is_nnunet_plan
 from aeval.data.nnunet_preprocess import nnunet_gaussian, preprocess_nnunet, restore_nnunet
 from aeval.data.preprocess import preprocess_image, restore_to_original
@@ -37,7 +38,9 @@ from aeval.nifti import is_nifti, load_nifti, nifti_case_name, nifti_cases, save
 PLAN_KEYS = ("hash", "datasets", "target_spacing", "normalization", "patch_size", "pool_op_kernel_sizes")
 # conf/inference keys, passed to SlidingWindowPredictor as they are.
 INFERENCE_SETTINGS = ("overlap", "mirror_axes", "precision", "sw_batch_size", "device", "stitch_device",
-                      "network_batch_size")
+                      "network_batch_size", "accumulate", "cpu_allocator")
+# conf/inference keys read here, not by the predictor
+PROCESS_SETTINGS = ("threads",)
 DEFAULT_INFERENCE = {"overlap": 0.5, "mirror_axes": (0, 1, 2), "precision": "auto", "sw_batch_size": 1}
 
 
@@ -165,15 +168,30 @@ def list_inputs(source: str | Path, failures: FailureLog | None = None) -> list[
 
 
 def make_predictor(model: LoadedModel, inference: Mapping[str, Any] | None = None) -> SlidingWindowPredictor:
-    """The predictor for ``model`` with the conf/inference settings (defaults: overlap 0.5, 8 flips, auto)."""
-    settings = {**DEFAULT_INFERENCE, **{k: v for k, v in (inference or {}).items() if v is not None}}
+    """The predictor for ``model`` with the conf/inference settings (defaults: overlap 0.5, 8 flips, auto).
+
+    An official checkpoint mirrors only along the axes its ``inference_allowed_mirroring_axes`` allow (nnU-Net's
+    array axes, which are the predictor's in nnU-Net's convention), in nnU-Net's order."""
+    settings = {**DEFAULT_INFERENCE, **{k: v for k, v in (inference or {}).items()
+                                        if v is not None and k not in PROCESS_SETTINGS}}
     unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
     if unknown:
-        raise ValueError(f"unknown inference setting(s) {', '.join(unknown)}; known: {', '.join(INFERENCE_SETTINGS)}")
+        raise ValueError(f"unknown inference setting(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(INFERENCE_SETTINGS + PROCESS_SETTINGS)}")
     settings["mirror_axes"] = tuple(settings["mirror_axes"] or ())
     if model.convention == "nnunet":  # nnU-Net's window positions and Gaussian: the windows nnU-Net blends
-        settings.update(importance_map=nnunet_gaussian(model.plan["patch_size"]), tiling="nnunet")
+        settings["mirror_axes"] = allowed_mirror_axes(settings["mirror_axes"],
+                                                      model.plan.get("inference_allowed_mirroring_axes"))
+        settings.update(importance_map=nnunet_gaussian(model.plan["patch_size"], min_weight=None), tiling="nnunet")
     return SlidingWindowPredictor(model.net, model.plan["patch_size"], **settings)
+
+
+def allowed_mirror_axes(requested: Sequence[int], allowed: Sequence[int] | None) -> tuple[int, ...]:
+    """The requested mirror axes a checkpoint allows, in the checkpoint's order (nnU-Net sums the flips in
+    that order); all requested ones when it records none."""
+    if allowed is None:
+        return tuple(int(a) for a in requested)
+    return tuple(int(a) for a in allowed if int(a) in {int(r) for r in requested})
 
 
 def predict_files(model: LoadedModel, inputs: Sequence[Path], output_dir: str | Path, *, to_system: str | None = None,
@@ -185,6 +203,7 @@ def predict_files(model: LoadedModel, inputs: Sequence[Path], output_dir: str | 
     if to_system is not None:
         _known_system(to_system, Path("to_labels"))
     predictor = make_predictor(model, inference)
+    set_torch_threads((inference or {}).get("threads"))
     output_dir = Path(output_dir)
     written = []
     columns = (TextColumn("predict {task.fields[case]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
