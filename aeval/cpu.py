@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 # glibc mallopt parameters and defaults (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+# after predicting: where glibc's dynamic mmap threshold settles in a process that frees large blocks
+# (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; the trim threshold follows at twice it)
+GLIBC_SETTLED_MMAP_THRESHOLD = 32 << 20
 # While predicting on a CPU: blocks up to this size come from the heap and are reused, not mmap'ed afresh
 # (and zero-filled page by page by the kernel) for every activation tensor.
 INFERENCE_MMAP_THRESHOLD = 1 << 30
@@ -83,7 +85,8 @@ def inference_allocator(enabled: bool = True) -> Iterator[None]:
     """glibc serves blocks above its mmap threshold (at most 32 MiB by default) with fresh mmaps, so every
     activation tensor of a 3-D network costs page faults and kernel zero-filling: measured 1.5-1.65x of a
     STU-Net-S forward on one core. Inside this context they come from the heap and are reused; on exit the
-    glibc defaults come back and free heap memory is returned. No-op without glibc or when not ``enabled``."""
+    thresholds go to where glibc's own dynamic threshold settles (32 MiB, trim 64 MiB) and free heap memory
+    is returned. No-op without glibc or when not ``enabled``."""
     libc = _libc() if enabled else None
     if libc is None:
         yield
@@ -93,8 +96,8 @@ def inference_allocator(enabled: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_SETTLED_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * GLIBC_SETTLED_MMAP_THRESHOLD)
         if hasattr(libc, "malloc_trim"):
             libc.malloc_trim(0)
 

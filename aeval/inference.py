@@ -274,7 +274,7 @@ class SlidingWindowPredictor:
         if self.tiling == "nnunet":
             return torch.float16
         voxels = math.prod(max(int(n), p) for n, p in zip(spatial_shape, self.patch_size, strict=True))
-        if 2 * 4 * voxels <= FP32_LOGITS_LIMIT:  # two classes at least: no probe forward needed
+        if 256 * 4 * voxels <= FP32_LOGITS_LIMIT:  # fits whatever the class count (uint8 labels): no probe
             return torch.float32
         return torch.float16 if self.num_classes() * 4 * voxels > FP32_LOGITS_LIMIT else torch.float32
 

@@ -5,6 +5,8 @@ small CT; v1 (.model + .model.pkl / plans.pkl) and v2 (.pth + plans.json) checkp
 
 from __future__ import annotations
 
+import itertools
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -216,3 +218,25 @@ def test_predict_cli_with_official_v2_model_folder(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     ours = np.asarray(nib.load(tmp_path / "out" / "LPS.nii.gz").dataobj)
     assert (ours == remap(seg, "flare22", "aeval8")).mean() >= 0.999
+
+
+@pytest.mark.parametrize("allowed", [(1, 2), (0,), ()])
+def test_checkpoint_mirroring_axes_are_applied_as_nnunet_does(tmp_path, allowed):
+    """A checkpoint whose trainer allowed mirroring along some axes only (nnU-Net's array axes, which are
+    aeval's in nnU-Net's convention): nnU-Net's predictor mirrors only those, and so does aeval with the
+    default mirror_axes [0, 1, 2]; the labels are nnU-Net's."""
+    path, plans = write_case(tmp_path, "permuted")
+    net = tiny_net(POOLS)
+    model = load_model(write_v2_model(tmp_path / "model", net, plans, mirror_axes=allowed))
+    predictor = make_predictor(model, FP32)
+    assert predictor.flips == [(), *[tuple(a + 2 for a in c) for r in range(1, len(allowed) + 1)
+                                     for c in itertools.combinations(allowed, r)]]
+    assert make_predictor(model, {**FP32, "mirror_axes": [2]}).flips == ([(), (4,)] if 2 in allowed else [()])
+    seg, _, _ = nnunet_predict(nnunet_predictor(net, plans, dataset_json(), bool(allowed), allowed), path)
+    ours = np.asarray(nib.load(predict_files(model, [path], tmp_path / "out", inference=FP32)[0]).dataobj)
+    assert (ours == seg).mean() >= 0.9999
+    # mirroring along the axes the checkpoint forbids would give other logits
+    if allowed != (0, 1, 2):
+        image = torch.from_numpy(preprocess_nnunet(nib.load(path), model.plan)[0])
+        unrestricted = LoadedModel(model.net, {**model.plan, "inference_allowed_mirroring_axes": None}, "flare22")
+        assert not torch.equal(make_predictor(unrestricted, FP32)(image), predictor(image))
