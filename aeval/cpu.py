@@ -2,7 +2,8 @@
 allocator setting that keeps CPU inference off the page-fault path.
 
 One helper for every stage (train, predict, evaluate, score, the grid): worker processes x torch threads
-must not exceed the cores, or OpenMP threads fight over them (measured on the 2-core machine: one case took
+must not exceed the cores (nor, on a shared machine, the cores other work leaves free), or OpenMP threads
+fight over them (measured on the 2-core machine: one case took
 252 s with PyTorch's default threads next to other work, 46 s with one thread). An explicit
 ``OMP_NUM_THREADS`` or a config value (``torch_threads``, ``inference.threads``) wins over the default.
 """
@@ -39,24 +40,37 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def free_cores() -> int:
+    """The cores not busy with other work: this process's cores less the 1-minute load average beyond the one
+    core this process itself keeps busy (at least 1). On a shared machine a thread more than the free cores
+    costs far more than it brings (OpenMP threads wait on each other): measured 6.7 s with one thread, 13.5 s
+    with two, for the same prediction on 2 cores at load 6."""
+    cores = available_cores()
+    try:
+        others = max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:
+        others = 0.0
+    return max(1, min(cores, int(cores - others + 0.5)))
+
+
 def default_workers(requested: int | None, jobs: int | None = None) -> int:
-    """Worker processes: ``requested`` when set (0 and 1: this process), else one per core, at most one
-    per job."""
+    """Worker processes: ``requested`` when set (0 and 1: this process), else one per free core
+    (:func:`free_cores`), at most one per job."""
     if requested is not None:
         return max(1, int(requested))
-    workers = available_cores()
+    workers = free_cores()
     return max(1, min(workers, jobs)) if jobs is not None else workers
 
 
 def threads_per_worker(requested: int | None = None, workers: int = 1) -> int:
     """Torch intra-op threads for each of ``workers`` processes: ``requested`` when set (>= 1), else
-    ``OMP_NUM_THREADS`` when the user exported it, else the cores divided among the workers (>= 1)."""
+    ``OMP_NUM_THREADS`` when the user exported it, else the free cores divided among the workers (>= 1)."""
     if requested is not None and int(requested) > 0:
         return int(requested)
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, available_cores() // max(1, int(workers)))
+    return max(1, free_cores() // max(1, int(workers)))
 
 
 def set_torch_threads(requested: int | None = None, workers: int = 1) -> int:

@@ -14,10 +14,20 @@ from aeval import cpu
 
 @pytest.fixture
 def cores(monkeypatch):
-    def set_cores(n: int) -> None:
+    """``cores(n)``: n cores in the affinity mask, an idle machine (load 1: this process) unless ``load``."""
+    def set_cores(n: int, load: float = 1.0) -> None:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)))
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return set_cores
+
+
+@pytest.mark.parametrize(("n_cores", "load", "free"), [(2, 1.0, 2), (2, 6.0, 1), (8, 3.2, 6), (8, 0.0, 8),
+                                                       (16, 40.0, 1), (4, 2.6, 2)])
+def test_free_cores_leave_out_the_load_of_others(cores, n_cores, load, free):
+    cores(n_cores, load)
+    assert cpu.free_cores() == free
+    assert cpu.threads_per_worker() == free and cpu.default_workers(None) == free
 
 
 @pytest.mark.parametrize("n_cores", [1, 2, 3, 8, 16])
