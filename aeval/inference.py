@@ -20,7 +20,7 @@ from monai.data.utils import compute_importance_map
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from aeval.cpu import inference_allocator
+from aeval.cpu import inference_allocator, release_free_heap
 
 PRECISIONS = ("auto", "bf16", "fp32")
 TILINGS = ("monai", "nnunet")
@@ -35,6 +35,8 @@ GPU_STITCH_SHARE = 0.5
 # accumulate=auto with MONAI's tiling: fp16 logits once fp32 ones would take more than this (native-resolution CTs)
 FP32_LOGITS_LIMIT = 2 << 30
 CPU_VOXELS_PER_FORWARD = 128 ** 3
+# CPU, tuned allocator: free heap memory is returned after every window once the logits take more than this
+TRIM_LOGITS_ABOVE = 1 << 30
 
 
 @lru_cache(maxsize=1)
@@ -306,7 +308,7 @@ class SlidingWindowPredictor:
         pads = [max(p - n, 0) for n, p in zip(shape, self.patch_size, strict=True)]
         below = [d // 2 for d in pads]
         flat = [x for d, lo in zip(reversed(pads), reversed(below), strict=True) for x in (lo, d - lo)]
-        padded = torch.nn.functional.pad(image, flat).to(stitch)
+        padded = (torch.nn.functional.pad(image, flat) if any(pads) else image).to(stitch)
         nnunet = self.tiling == "nnunet"
         steps = (nnunet_steps(padded.shape[1:], self.patch_size, 1 - self.overlap) if nnunet else
                  monai_steps(padded.shape[1:], self.patch_size, self.overlap))
@@ -316,6 +318,8 @@ class SlidingWindowPredictor:
             weight = weight.clamp(min=max(float(weight[weight > 0].min()), 1e-3))
         total = torch.zeros(padded.shape[1:], device=stitch, dtype=dtype if nnunet else torch.float32)
         total_weight = weight.to(total.dtype)
+        tuned = self.device.type == "cpu" and self.cpu_allocator == "tuned"
+        trim = False
         out = None
         for start in range(0, len(windows), self.sw_batch_size):
             group = [tuple(slice(s, s + p) for s, p in zip(pos, self.patch_size, strict=True))
@@ -324,10 +328,15 @@ class SlidingWindowPredictor:
             logits = self.window_predictor(batch).to(stitch)
             if out is None:
                 out = torch.zeros((logits.shape[1], *padded.shape[1:]), device=stitch, dtype=dtype)
+                # a large volume: the heap's free blocks go back after each window (peak over speed)
+                trim = tuned and out.numel() * out.element_size() > TRIM_LOGITS_ABOVE
             for sl, part in zip(group, logits, strict=True):
                 out[(slice(None), *sl)] += part.mul_(weight)
                 total[sl] += total_weight
             del batch, logits
+            if trim:
+                release_free_heap()
         del padded
-        torch.div(out, total, out=out)
+        for channel in out:  # in place, a channel at a time: no full-volume temporary when dtypes differ
+            torch.div(channel, total, out=channel)
         return out[(slice(None), *[slice(lo, lo + n) for lo, n in zip(below, shape, strict=True)])].contiguous()

@@ -183,7 +183,8 @@ def test_official_checkpoint_errors_are_one_line(tmp_path):
 @needs_real
 def test_real_ct_matches_nnunet_predictor(tmp_path):
     """The small TotalSegmentator CT (3 mm, RAS) resampled to 4.5 mm, several windows per axis at nnU-Net's
-    positions; nnU-Net accumulates in fp16, aeval in fp32: the labels agree on >= 99.9 % of voxels."""
+    positions; both accumulate in fp16 (aeval's accumulate=auto for nnU-Net checkpoints): the labels agree on
+    >= 99.99 % of voxels."""
     path = REAL / "example_ct_sm.nii.gz"
     plans = v2_plans((4.5, 4.5, 4.5), (16, 32, 32), [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1]])
     net = tiny_net(plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"][1:])
@@ -192,7 +193,7 @@ def test_real_ct_matches_nnunet_predictor(tmp_path):
     ours = np.asarray(nib.load(predict_files(model, [path], tmp_path / "out",
                                              inference={**FP32, "mirror_axes": []})[0]).dataobj)
     assert ours.shape == seg.shape and len(np.unique(seg)) > 2
-    assert (ours == seg).mean() >= 0.999
+    assert (ours == seg).mean() >= 0.9999
 
 
 def test_predict_cli_with_official_v2_model_folder(tmp_path):
