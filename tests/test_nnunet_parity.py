@@ -241,3 +241,19 @@ def test_checkpoint_mirroring_axes_are_applied_as_nnunet_does(tmp_path, allowed)
         image = torch.from_numpy(preprocess_nnunet(nib.load(path), model.plan)[0])
         unrestricted = LoadedModel(model.net, {**model.plan, "inference_allowed_mirroring_axes": None}, "flare22")
         assert not torch.equal(make_predictor(unrestricted, FP32)(image), predictor(image))
+
+
+@pytest.mark.slow
+def test_gpu_parity_script_dry_run_on_cpu(capsys):
+    """experiments/benchmarks/gpu_nnunet_parity.py's CPU smoke (tiny net, a few training steps): it trains,
+    saves an nnU-Net model folder, predicts with both pipelines and reports the agreement."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "gpu_nnunet_parity.py"
+    spec = importlib.util.spec_from_file_location("gpu_nnunet_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--dry-run", "--steps", "2"])
+    assert result["aeval_s"] > 0 and result["nnunet_s"] > 0 and 0 <= result["agreement"] <= 1
+    assert "voxel agreement" in capsys.readouterr().out
