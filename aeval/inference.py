@@ -161,7 +161,8 @@ class SlidingWindowPredictor:
 
     ``predictor(image)`` takes a ``(C, X, Y, Z)`` tensor and returns ``(K, X, Y, Z)`` logits (float32, or
     float16 where :meth:`accumulator_for` says so: ``accumulate``) on the stitching device (CPU, or the GPU
-    when the output fits; ``stitch_device`` forces one). Windows of ``patch_size`` overlap by ``overlap`` and are blended with a Gaussian (sigma = patch/8, as nnU-Net);
+    when the output fits; ``stitch_device`` forces one). Windows of ``patch_size`` overlap by ``overlap`` and
+    are blended with a Gaussian (sigma = patch/8, as nnU-Net);
     volumes smaller than the patch are zero-padded and cropped back. ``importance_map`` replaces MONAI's
     Gaussian and ``tiling="nnunet"`` places the windows where nnU-Net does (:func:`nnunet_steps`), so official
     nnU-Net models blend exactly the windows nnU-Net blends. The model is moved to ``device``
