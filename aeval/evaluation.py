@@ -48,7 +48,7 @@ def held_out_cases(dataset: UnifiedDataset) -> tuple[list[Path], Path, str]:
 def evaluate(model: LoadedModel, test_sets: list[str], data_root: str | Path, results_root: str | Path, *,
              key: RunKey, metric: str = "aeval", classes: str = "aeval8",
              inference: Mapping[str, Any] | None = None,
-             overwrite: bool = False, num_workers: int = 1, failures: FailureLog | None = None) -> Evaluation:
+             overwrite: bool = False, num_workers: int | None = None, failures: FailureLog | None = None) -> Evaluation:
     """Write the cell of ``key`` on every test set (:mod:`aeval.results`); the predictions (model label space)
     go beside the cells and are shared by the metric modes."""
     scoring_rules(metric, classes)  # an unknown mode or class space: ValueError before any prediction

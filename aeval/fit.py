@@ -25,6 +25,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from aeval.cpu import set_torch_threads
 from aeval.data.cache import preprocess_dataset
 from aeval.data.datamodule import AEvalDataModule
 from aeval.data.planner import plan_datasets
@@ -156,8 +157,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> TrainRe
         log.info("%s: already trained (%d epochs) in %s", cfg.run_name, finished.epochs, finished.run_dir)
         return finished
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("torch_threads"):  # on small shared CPUs one thread per process avoids OpenMP oversubscription
-        torch.set_num_threads(int(cfg.torch_threads))
+    set_torch_threads(cfg.get("torch_threads"))  # null: OMP_NUM_THREADS, else this process's cores
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)  # config.yaml / result.json temporaries of a killed attempt

@@ -20,11 +20,23 @@ from monai.data.utils import compute_importance_map
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from aeval.cpu import inference_allocator, release_free_heap
+
 PRECISIONS = ("auto", "bf16", "fp32")
 TILINGS = ("monai", "nnunet")
 STITCH_DEVICES = ("auto", "cpu", "cuda")
+# Dtype of the full-volume logits and weight sums: fp32, fp16 (half the memory; nnU-Net 2.8 accumulates so,
+# also on CPU), or auto = fp16 with nnU-Net's tiling (its published behaviour), else fp32.
+ACCUMULATORS = ("auto", "fp32", "fp16")
+# tuned: glibc keeps activation-sized blocks for reuse while predicting on a CPU (aeval.cpu.inference_allocator)
+CPU_ALLOCATORS = ("tuned", "system")
 # Stitch on the GPU only while the output and count map take at most this share of the free GPU memory.
 GPU_STITCH_SHARE = 0.5
+# accumulate=auto with MONAI's tiling: fp16 logits once fp32 ones would take more than this (native-resolution CTs)
+FP32_LOGITS_LIMIT = 2 << 30
+CPU_VOXELS_PER_FORWARD = 128 ** 3
+# CPU, tuned allocator: free heap memory is returned after every window once the logits take more than this
+TRIM_LOGITS_ABOVE = 1 << 30
 
 
 @lru_cache(maxsize=1)
@@ -116,6 +128,23 @@ def nnunet_steps(image_size: Sequence[int], patch_size: Sequence[int], step: flo
     return steps
 
 
+def monai_steps(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[list[int]]:
+    """MONAI's window starts per axis (``sliding_window_inference``): every ``int(patch x (1 - overlap))``
+    voxels, the last window moved back to end at the border."""
+    steps = []
+    for size, patch in zip(image_size, patch_size, strict=True):
+        interval = patch if patch == size else max(1, int(patch * (1 - overlap)))
+        count = next(i for i in range(int(math.ceil(size / interval))) if i * interval + patch >= size) + 1
+        steps.append([i * interval - max(i * interval + patch - size, 0) for i in range(count)])
+    return steps
+
+
+def cpu_network_batch(patch_size: Sequence[int]) -> int:
+    """Samples per forward on a CPU when not set: all flips of small windows (a larger batch uses the cores
+    better), one 128^3 window at a time (STU-Net-S: ~0.9 GB of activations per 128^3 sample)."""
+    return max(1, CPU_VOXELS_PER_FORWARD // math.prod(int(p) for p in patch_size))
+
+
 def infer_in_channels(model: nn.Module) -> int | None:
     """The channel count the network expects: its ``in_channels`` attribute or that of its first conv."""
     value = getattr(model, "in_channels", None)
@@ -130,9 +159,10 @@ def infer_in_channels(model: nn.Module) -> int | None:
 class SlidingWindowPredictor:
     """TTA-averaged logits of a 3-D segmentation network on a preprocessed volume.
 
-    ``predictor(image)`` takes a ``(C, X, Y, Z)`` tensor and returns ``(K, X, Y, Z)`` float32 logits on the
-    stitching device (CPU, or the GPU when the output fits; ``stitch_device`` forces one). Windows of
-    ``patch_size`` overlap by ``overlap`` and are blended with a Gaussian (sigma = patch/8, as nnU-Net);
+    ``predictor(image)`` takes a ``(C, X, Y, Z)`` tensor and returns ``(K, X, Y, Z)`` logits (float32, or
+    float16 where :meth:`accumulator_for` says so: ``accumulate``) on the stitching device (CPU, or the GPU
+    when the output fits; ``stitch_device`` forces one). Windows of ``patch_size`` overlap by ``overlap`` and
+    are blended with a Gaussian (sigma = patch/8, as nnU-Net);
     volumes smaller than the patch are zero-padded and cropped back. ``importance_map`` replaces MONAI's
     Gaussian and ``tiling="nnunet"`` places the windows where nnU-Net does (:func:`nnunet_steps`), so official
     nnU-Net models blend exactly the windows nnU-Net blends. The model is moved to ``device``
@@ -144,7 +174,7 @@ class SlidingWindowPredictor:
                  device: torch.device | str | None = None, sw_batch_size: int = 1,
                  stitch_device: str = "auto", network_batch_size: int | None = None,
                  in_channels: int | None = None, importance_map: torch.Tensor | None = None,
-                 tiling: str = "monai"):
+                 tiling: str = "monai", accumulate: str = "auto", cpu_allocator: str = "tuned"):
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints, got {tuple(patch_size)}")
         if not 0 <= overlap < 1:
@@ -153,6 +183,10 @@ class SlidingWindowPredictor:
             raise ValueError(f"stitch_device must be one of {STITCH_DEVICES}, got {stitch_device!r}")
         if tiling not in TILINGS:
             raise ValueError(f"tiling must be one of {TILINGS}, got {tiling!r}")
+        if cpu_allocator not in CPU_ALLOCATORS:
+            raise ValueError(f"cpu_allocator must be one of {CPU_ALLOCATORS}, got {cpu_allocator!r}")
+        if accumulate not in ACCUMULATORS:
+            raise ValueError(f"accumulate must be one of {ACCUMULATORS}, got {accumulate!r}")
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
         self.device = torch.device(device if device is not None else
@@ -167,7 +201,11 @@ class SlidingWindowPredictor:
         self.sw_batch_size = int(sw_batch_size)
         self.stitch_device = stitch_device
         self.tiling = tiling
+        self.accumulate = accumulate
+        self.cpu_allocator = cpu_allocator
         self.in_channels = in_channels if in_channels is not None else infer_in_channels(model)
+        if network_batch_size is None and self.device.type == "cpu":
+            network_batch_size = cpu_network_batch(self.patch_size)
         self.window_predictor = MirroredNetwork(self.model, self.flips, self.precision, network_batch_size)
         if importance_map is not None and tuple(importance_map.shape) != self.patch_size:
             raise ValueError(f"importance_map has shape {tuple(importance_map.shape)}, the patch is {self.patch_size}")
@@ -221,37 +259,68 @@ class SlidingWindowPredictor:
         self.model.eval()
         if had_deep_supervision:
             self.model.deep_supervision = False
+        tuned = self.device.type == "cpu" and self.cpu_allocator == "tuned"
         try:
-            stitch = self.stitch_device_for(image.shape[1:])
-            if self.tiling == "nnunet":
-                return self._nnunet_tiled(image, stitch)
-            # Windows computed on a GPU but stitched in host memory: accumulate one slab of windows on the
-            # GPU before each copy to the host (MONAI's buffered mode) instead of one copy per window.
-            buffered = stitch.type != self.device.type
-            inputs = image.to("cpu" if buffered else stitch)[None]
-            logits = sliding_window_inference(
-                inputs, self.patch_size, self.sw_batch_size, self.window_predictor, overlap=self.overlap,
-                mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=0.0,
-                sw_device=self.device, device=stitch, roi_weight_map=self.importance_map,
-                buffer_steps=1 if buffered else None,
-            )
-            return logits[0].contiguous()
+            with inference_allocator(tuned):
+                return self._predict(image)
         finally:
             self.model.train(was_training)
             if had_deep_supervision:
                 self.model.deep_supervision = previous
 
-    def _nnunet_tiled(self, image: torch.Tensor, stitch: torch.device) -> torch.Tensor:
+    def accumulator_for(self, spatial_shape: Sequence[int]) -> torch.dtype:
+        """The dtype of the full-volume logits: ``accumulate``, where ``auto`` is fp16 with nnU-Net's tiling
+        (nnU-Net 2.8 blends in fp16, so its labels are reproduced) and, with MONAI's, fp32 unless fp32 logits
+        would exceed ``FP32_LOGITS_LIMIT`` bytes (a native-resolution CT: half the memory)."""
+        if self.accumulate != "auto":
+            return torch.float16 if self.accumulate == "fp16" else torch.float32
+        if self.tiling == "nnunet":
+            return torch.float16
+        voxels = math.prod(max(int(n), p) for n, p in zip(spatial_shape, self.patch_size, strict=True))
+        if 256 * 4 * voxels <= FP32_LOGITS_LIMIT:  # fits whatever the class count (uint8 labels): no probe
+            return torch.float32
+        return torch.float16 if self.num_classes() * 4 * voxels > FP32_LOGITS_LIMIT else torch.float32
+
+    def _predict(self, image: torch.Tensor) -> torch.Tensor:
+        stitch = self.stitch_device_for(image.shape[1:])
+        dtype = self.accumulator_for(image.shape[1:])
+        if self.tiling == "nnunet" or dtype != torch.float32:
+            return self._tiled(image, stitch, dtype)
+        # Windows computed on a GPU but stitched in host memory: accumulate one slab of windows on the
+        # GPU before each copy to the host (MONAI's buffered mode) instead of one copy per window.
+        buffered = stitch.type != self.device.type
+        inputs = image.to("cpu" if buffered else stitch)[None]
+        logits = sliding_window_inference(
+            inputs, self.patch_size, self.sw_batch_size, self.window_predictor, overlap=self.overlap,
+            mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=0.0,
+            sw_device=self.device, device=stitch, roi_weight_map=self.importance_map,
+            buffer_steps=1 if buffered else None,
+        )
+        return logits[0].contiguous()
+
+    def _tiled(self, image: torch.Tensor, stitch: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Zero-pad to the patch (split below/above as nnU-Net and MONAI do), blend the windows at nnU-Net's
-        positions with the importance map (fp32 accumulators), crop the padding off."""
+        or MONAI's positions with the importance map into ``dtype`` accumulators, crop the padding off.
+
+        With nnU-Net's tiling the weight sums share the logits' dtype and every operation is nnU-Net 2.8's
+        (``prediction *= gaussian; logits[sl] += prediction; n[sl] += gaussian; logits /= n``), so fp16
+        rounds as nnU-Net rounds; with MONAI's the weights are clamped to >= 1e-3 and summed in fp32, as MONAI."""
         shape = image.shape[1:]
         pads = [max(p - n, 0) for n, p in zip(shape, self.patch_size, strict=True)]
         below = [d // 2 for d in pads]
         flat = [x for d, lo in zip(reversed(pads), reversed(below), strict=True) for x in (lo, d - lo)]
-        padded = torch.nn.functional.pad(image, flat).to(stitch)
-        windows = list(itertools.product(*nnunet_steps(padded.shape[1:], self.patch_size, 1 - self.overlap)))
+        padded = (torch.nn.functional.pad(image, flat) if any(pads) else image).to(stitch)
+        nnunet = self.tiling == "nnunet"
+        steps = (nnunet_steps(padded.shape[1:], self.patch_size, 1 - self.overlap) if nnunet else
+                 monai_steps(padded.shape[1:], self.patch_size, self.overlap))
+        windows = list(itertools.product(*steps))
         weight = self.importance_map.to(stitch)
-        total = torch.zeros(padded.shape[1:], device=stitch)
+        if not nnunet:
+            weight = weight.clamp(min=max(float(weight[weight > 0].min()), 1e-3))
+        total = torch.zeros(padded.shape[1:], device=stitch, dtype=dtype if nnunet else torch.float32)
+        total_weight = weight.to(total.dtype)
+        tuned = self.device.type == "cpu" and self.cpu_allocator == "tuned"
+        trim = False
         out = None
         for start in range(0, len(windows), self.sw_batch_size):
             group = [tuple(slice(s, s + p) for s, p in zip(pos, self.patch_size, strict=True))
@@ -259,9 +328,16 @@ class SlidingWindowPredictor:
             batch = torch.stack([padded[(slice(None), *sl)] for sl in group]).to(self.device)
             logits = self.window_predictor(batch).to(stitch)
             if out is None:
-                out = torch.zeros((logits.shape[1], *padded.shape[1:]), device=stitch)
+                out = torch.zeros((logits.shape[1], *padded.shape[1:]), device=stitch, dtype=dtype)
+                # a large volume: the heap's free blocks go back after each window (peak over speed)
+                trim = tuned and out.numel() * out.element_size() > TRIM_LOGITS_ABOVE
             for sl, part in zip(group, logits, strict=True):
-                out[(slice(None), *sl)] += part * weight
-                total[sl] += weight
-        out /= total
+                out[(slice(None), *sl)] += part.mul_(weight)
+                total[sl] += total_weight
+            del batch, logits
+            if trim:
+                release_free_heap()
+        del padded
+        for channel in out:  # in place, a channel at a time: no full-volume temporary when dtypes differ
+            torch.div(channel, total, out=channel)
         return out[(slice(None), *[slice(lo, lo + n) for lo, n in zip(below, shape, strict=True)])].contiguous()

@@ -6,6 +6,7 @@ The network's work is :class:`~aeval.inference.SlidingWindowPredictor`'s; a mode
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from aeval.console import console
+from aeval.cpu import set_torch_threads
 from aeval.data.nnunet_preprocess import nnunet_gaussian, preprocess_nnunet, restore_nnunet
 from aeval.data.preprocess import preprocess_image
 from aeval.data.restore import restore_to_original
@@ -24,10 +26,11 @@ from aeval.labels import remap
 from aeval.models.load import LoadedModel, known_system
 from aeval.nifti import is_nifti, load_nifti, nifti_case_name, nifti_cases, save_nifti
 
-# conf/inference keys, passed to SlidingWindowPredictor as they are.
+# conf/inference keys, passed to SlidingWindowPredictor as they are (a key left out takes the predictor's default,
+# which conf/inference/default.yaml repeats for users to read; a test keeps the two equal).
 INFERENCE_SETTINGS = ("overlap", "mirror_axes", "precision", "sw_batch_size", "device", "stitch_device",
-                      "network_batch_size")
-DEFAULT_INFERENCE = {"overlap": 0.5, "mirror_axes": (0, 1, 2), "precision": "auto", "sw_batch_size": 1}
+                      "network_batch_size", "accumulate", "cpu_allocator")
+PROCESS_SETTINGS = ("threads",)  # conf/inference keys read here, not by the predictor
 
 
 def list_inputs(source: str | Path, failures: FailureLog | None = None) -> list[Path]:
@@ -50,15 +53,36 @@ def list_inputs(source: str | Path, failures: FailureLog | None = None) -> list[
 
 
 def make_predictor(model: LoadedModel, inference: Mapping[str, Any] | None = None) -> SlidingWindowPredictor:
-    """The predictor for ``model`` with the conf/inference settings (defaults: overlap 0.5, 8 flips, auto)."""
-    settings = {**DEFAULT_INFERENCE, **{k: v for k, v in (inference or {}).items() if v is not None}}
+    """The predictor for ``model`` with the conf/inference settings (the predictor's defaults for the others).
+
+    An official checkpoint mirrors only along the axes its ``inference_allowed_mirroring_axes`` allow (nnU-Net's
+    array axes, which are the predictor's in nnU-Net's convention), in nnU-Net's order."""
+    settings = {k: v for k, v in (inference or {}).items() if v is not None and k not in PROCESS_SETTINGS}
     unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
     if unknown:
-        raise ValueError(f"unknown inference setting(s) {', '.join(unknown)}; known: {', '.join(INFERENCE_SETTINGS)}")
-    settings["mirror_axes"] = tuple(settings["mirror_axes"] or ())
+        raise ValueError(f"unknown inference setting(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(INFERENCE_SETTINGS + PROCESS_SETTINGS)}")
+    if "mirror_axes" in settings:
+        settings["mirror_axes"] = tuple(settings["mirror_axes"])
     if model.convention == "nnunet":  # nnU-Net's window positions and Gaussian: the windows nnU-Net blends
-        settings.update(importance_map=nnunet_gaussian(model.patch_size), tiling="nnunet")
+        requested = settings.get("mirror_axes", predictor_defaults()["mirror_axes"])
+        settings["mirror_axes"] = allowed_mirror_axes(requested, model.plan.get("inference_allowed_mirroring_axes"))
+        settings.update(importance_map=nnunet_gaussian(model.patch_size, min_weight=None), tiling="nnunet")
     return SlidingWindowPredictor(model.net, model.patch_size, **settings)
+
+
+def predictor_defaults() -> dict[str, Any]:
+    """The predictor's own defaults of the conf/inference keys (what a key left out gets)."""
+    parameters = inspect.signature(SlidingWindowPredictor).parameters
+    return {name: parameters[name].default for name in INFERENCE_SETTINGS}
+
+
+def allowed_mirror_axes(requested: Sequence[int], allowed: Sequence[int] | None) -> tuple[int, ...]:
+    """The requested mirror axes a checkpoint allows, in the checkpoint's order (nnU-Net sums the flips in
+    that order); all requested ones when it records none."""
+    if allowed is None:
+        return tuple(int(a) for a in requested)
+    return tuple(int(a) for a in allowed if int(a) in {int(r) for r in requested})
 
 
 def predict_files(model: LoadedModel, inputs: Sequence[Path], output_dir: str | Path, *, to_system: str | None = None,
@@ -70,6 +94,7 @@ def predict_files(model: LoadedModel, inputs: Sequence[Path], output_dir: str | 
     if to_system is not None:
         known_system(to_system, Path("to_labels"))
     predictor = make_predictor(model, inference)
+    set_torch_threads((inference or {}).get("threads"))
     output_dir = Path(output_dir)
     written = []
     columns = (TextColumn("predict {task.fields[case]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from aeval.cpu import default_workers, limit_worker_threads
 from aeval.data.convert import merge_totalseg
 from aeval.errors import EXPECTED_CASE_ERRORS, CaseError, CaseFailure, FailureLog
 from aeval.labels import get_system, remap
@@ -140,13 +141,14 @@ def summary_table(summary: Mapping, title: str = "") -> Table:
 
 def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_labels: str, gt_labels: str,
                  out_dir: str | os.PathLike | None = None, metric: str = "aeval", classes: str = "aeval8",
-                 num_workers: int = 1, progress: bool = True, extra: Mapping | None = None,
+                 num_workers: int | None = None, progress: bool = True, extra: Mapping | None = None,
                  quiet: bool = False) -> FolderScore:
     """Score every ground-truth case of ``gt_dir`` against the prediction of the same name in ``pred_dir``.
 
     ``pred_labels``/``gt_labels`` name the label systems of the two folders (see ``aeval.labels``),
     ``metric`` the rules (``aeval``, ``flare22``, ``aeval10``, ``aeval2025_script``; see ``aeval.metrics``).
     ``extra`` is merged into ``summary.json`` (the evaluate stage adds the cell's protocol/train/model/test).
+    ``num_workers``: scoring processes (None: one per core, at most one per case; see :mod:`aeval.cpu`).
     Writes into ``out_dir`` when given. Each failure is logged as one line unless ``quiet`` (a caller that
     reports them itself)."""
     scoring_rules(metric, classes)  # unknown mode or class space: ValueError before any work
@@ -176,8 +178,10 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
 
     surfel_area_table((1.0, 1.0, 1.0))  # builds the cached surfel geometry once, before workers fork
     args = [(case, p, g, pred_labels, gt_labels, metric, classes) for case, p, g in jobs]
-    outcomes = map_cases(_score_job, args, num_workers=num_workers, path_of=lambda job: job[1],
-                         description="scoring", show_progress=progress, expected=SCORE_ERRORS)
+    workers = default_workers(num_workers, len(args))
+    outcomes = map_cases(_score_job, args, num_workers=workers, path_of=lambda job: job[1],
+                         description="scoring", show_progress=progress, expected=SCORE_ERRORS,
+                         initializer=limit_worker_threads, initargs=(workers,))
     results = {job[0]: outcome for job, outcome in zip(args, outcomes, strict=True)
                if not isinstance(outcome, CaseFailure)}
     failures.extend(failures_of(outcomes))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -42,7 +43,12 @@ def affine_for(axcodes: str, spacing, origin=(10.0, -20.0, 30.0)) -> np.ndarray:
 def one_thread():
     """Tiny networks on a shared 2-core machine: one OpenMP thread is several times faster under load. Session
     scope, so fixtures of every scope and the tests they feed compute with the same thread count."""
-    previous = torch.get_num_threads()
+    previous, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # what aeval.cpu's thread defaults (predict, score workers) respect
     yield
     torch.set_num_threads(previous)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env

@@ -61,14 +61,15 @@ def tiny_net(pools, size: str = "tiny", seed: int = 0) -> torch.nn.Module:
     return net.eval()
 
 
-def write_v2_model(folder: Path, net: torch.nn.Module, plans: dict, dataset: dict | None = None) -> Path:
+def write_v2_model(folder: Path, net: torch.nn.Module, plans: dict, dataset: dict | None = None,
+                   mirror_axes: tuple[int, ...] = (0, 1, 2)) -> Path:
     """``folder/{plans.json, dataset.json, fold_0/checkpoint_final.pth}``; returns the checkpoint."""
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
     (folder / "plans.json").write_text(json.dumps(plans, indent=1))
     (folder / "dataset.json").write_text(json.dumps(dataset or dataset_json(), indent=1))
     ckpt = folder / "fold_0" / "checkpoint_final.pth"
     torch.save({"network_weights": net.state_dict(), "trainer_name": "STUNetTrainer_small",
-                "inference_allowed_mirroring_axes": (0, 1, 2),
+                "inference_allowed_mirroring_axes": tuple(mirror_axes),
                 "init_args": {"configuration": "3d_fullres", "fold": 0}}, ckpt)
     return ckpt
 
@@ -103,7 +104,8 @@ def write_v1_model(folder: Path, net: torch.nn.Module, plans_v2: dict) -> Path:
     return ckpt
 
 
-def nnunet_predictor(net: torch.nn.Module, plans: dict, dataset: dict, mirror: bool = True):
+def nnunet_predictor(net: torch.nn.Module, plans: dict, dataset: dict, mirror: bool = True,
+                     mirror_axes: tuple[int, ...] = (0, 1, 2)):
     """nnU-Net 2.8's own ``nnUNetPredictor`` around ``net`` (CPU, step 0.5, Gaussian)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -113,7 +115,7 @@ def nnunet_predictor(net: torch.nn.Module, plans: dict, dataset: dict, mirror: b
     manager = PlansManager(plans)
     predictor.manual_initialization(net, manager, manager.get_configuration("3d_fullres"),
                                     [{k: v.clone() for k, v in net.state_dict().items()}], dataset,
-                                    "STUNetTrainer_small", (0, 1, 2))
+                                    "STUNetTrainer_small", tuple(mirror_axes))
     return predictor
 
 

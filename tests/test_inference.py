@@ -262,3 +262,68 @@ def test_gpu_benchmark_smoke_on_cpu(capsys):
     module.run_checks(module.load_module("inference_for_test", "aeval/inference.py"), model, image, labels, row,
                       args, torch.device("cpu"))
     assert row["agreement"] == 1.0 and row["host_agreement"] == 1.0
+
+
+def test_own_tiler_places_and_weights_windows_as_monai():
+    """The fp16-capable tiler with MONAI's tiling is MONAI's sliding_window_inference (the reference) in fp32:
+    same window starts (incl. the last one moved back to the border), clamped Gaussian, symmetric padding."""
+    model = make_net()
+    for shape in ((30, 26, 20), (40, 16, 12), (17, 33, 16)):
+        image = make_image(shape)
+        predictor = SlidingWindowPredictor(model, PATCH, precision="fp32", device="cpu", mirror_axes=(0,))
+        with torch.inference_mode():
+            ours = predictor._tiled(image, torch.device("cpu"), torch.float32)
+        reference = predictor(image)  # accumulate=auto: fp32 through MONAI for a small volume
+        assert ours.dtype == torch.float32 and (ours - reference).abs().max().item() <= 1e-5, shape
+
+
+def test_fp16_accumulation_keeps_the_labels_of_fp32():
+    """Half the memory of the full-volume logits; the argmax of a small STU-Net on a CT-like volume is the
+    fp32 path's on every voxel (fp16 keeps ~3 significant digits of the blended logits)."""
+    from aeval.models.stunet import build_stunet
+
+    torch.manual_seed(0)
+    net = build_stunet("tiny", 1, 4, pool_op_kernel_sizes=[[2, 2, 2], [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1]])
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in (40, 36, 28)], indexing="ij"))
+    image = (grid[0] ** 2 + grid[1] ** 2 < 0.7).float() * 2 - 1 + 0.8 * (grid[2] > 0.2) + 0.1 * make_image(
+        (40, 36, 28))[0]
+    image = image[None]
+    results = {}
+    for accumulate in ("fp32", "fp16"):
+        predictor = SlidingWindowPredictor(net, PATCH, precision="fp32", device="cpu", accumulate=accumulate)
+        results[accumulate] = predictor(image)
+    assert results["fp16"].dtype == torch.float16 and results["fp32"].dtype == torch.float32
+    assert len(results["fp32"].argmax(0).unique()) > 1
+    torch.testing.assert_close(results["fp16"].float(), results["fp32"], atol=5e-3, rtol=2e-3)
+    assert torch.equal(results["fp16"].argmax(0), results["fp32"].argmax(0))
+
+
+def test_accumulator_auto_rules(monkeypatch):
+    model = make_net()
+    monai = SlidingWindowPredictor(model, PATCH, precision="fp32", device="cpu")
+    nnunet = SlidingWindowPredictor(model, PATCH, precision="fp32", device="cpu", tiling="nnunet")
+    assert nnunet.accumulator_for((30, 26, 20)) == torch.float16  # as nnU-Net 2.8 blends
+    assert monai.accumulator_for((30, 26, 20)) == torch.float32
+    monkeypatch.setattr(inference, "FP32_LOGITS_LIMIT", 3 * 30 * 26 * 20 * 4 - 1)  # 3 classes just over
+    assert monai.accumulator_for((30, 26, 20)) == torch.float16
+    monkeypatch.setattr(inference, "FP32_LOGITS_LIMIT", 3 * 30 * 26 * 20 * 4)  # 3 classes just fit
+    assert monai.accumulator_for((30, 26, 20)) == torch.float32
+    with pytest.raises(ValueError, match="accumulate must be one of"):
+        SlidingWindowPredictor(model, PATCH, device="cpu", accumulate="bf16")
+    with pytest.raises(ValueError, match="cpu_allocator must be one of"):
+        SlidingWindowPredictor(model, PATCH, device="cpu", cpu_allocator="jemalloc")
+
+
+def test_cpu_network_batch_caps_samples_by_patch_voxels():
+    assert inference.cpu_network_batch((64, 64, 64)) == 8
+    assert inference.cpu_network_batch((128, 128, 128)) == 1
+    assert inference.cpu_network_batch((160, 160, 160)) == 1
+    predictor = SlidingWindowPredictor(make_net(), (128, 128, 128), device="cpu")
+    assert predictor.window_predictor.network_batch_size == 1
+
+
+def test_allocator_setting_does_not_change_the_result():
+    model, image = make_net(), make_image((30, 26, 20))
+    tuned = SlidingWindowPredictor(model, PATCH, precision="fp32", device="cpu")(image)
+    system = SlidingWindowPredictor(model, PATCH, precision="fp32", device="cpu", cpu_allocator="system")(image)
+    assert torch.equal(tuned, system)

@@ -177,7 +177,7 @@ def test_cli_exit_code_and_outputs(folders, tmp_path):
 def test_config_composes():
     with initialize_config_dir(config_dir=str(ROOT / "aeval" / "conf"), version_base=None):
         cfg = compose("score", overrides=["pred_dir=p", "gt_dir=g", "metric=flare22", "out=o"])
-    assert cfg.metric.name == "flare22" and cfg.metric.classes == "aeval8" and cfg.num_workers == 1
+    assert cfg.metric.name == "flare22" and cfg.metric.classes == "aeval8" and cfg.num_workers is None  # aeval.cpu
     with initialize_config_dir(config_dir=str(ROOT / "aeval" / "conf"), version_base=None):
         cfg = compose("score", overrides=["pred_dir=p", "gt_dir=g", "out=o"])
     assert cfg.metric.name == "aeval"

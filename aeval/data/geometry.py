@@ -134,7 +134,8 @@ def resampled_argmax(channels: Sequence[Callable[[int, int], torch.Tensor]], in_
     ``channels[c](lo, hi)`` returns the float slab ``[lo:hi]`` along the first axis of channel ``c``, in an
     array whose first axis is ``z_axis`` when given (the caller moves it there) — that axis is then
     resampled by nearest neighbour, the others bilinearly. The output is built ``_CHUNK`` slices at a time
-    with a running max, so memory stays a few slices per channel whatever the volume and class count."""
+    with a running max, so memory stays a few slices per channel whatever the volume and class count.
+    fp16 slabs are resampled in fp32 and rounded back to fp16 before the max, as nnU-Net resamples fp16 logits."""
     out_shape = tuple(int(n) for n in out_shape)
     lower, upper, weight = _axis_weights(int(in_shape[0]), out_shape[0], nearest=z_axis is not None)
     result = np.empty(out_shape, dtype=np.uint8)
@@ -143,7 +144,8 @@ def resampled_argmax(channels: Sequence[Callable[[int, int], torch.Tensor]], in_
         lo, hi = int(lower[rows].min()), int(upper[rows].max()) + 1
         best = best_value = None
         for c, channel in enumerate(channels):
-            slab = channel(lo, hi).float()
+            raw = channel(lo, hi)
+            slab = raw.float()
             if best is None:  # work where the data lives (a GPU for logits straight from the network)
                 a = torch.from_numpy(lower[rows] - lo).to(slab.device)
                 b = torch.from_numpy(upper[rows] - lo).to(slab.device)
@@ -152,6 +154,8 @@ def resampled_argmax(channels: Sequence[Callable[[int, int], torch.Tensor]], in_
             if tuple(value.shape[1:]) != out_shape[1:]:
                 value = F.interpolate(value[:, None], size=out_shape[1:], mode="bilinear",
                                       align_corners=False)[:, 0]
+            if raw.dtype == torch.float16:
+                value = value.half().float()
             if best is None:
                 best_value, best = value.clone(), torch.zeros(value.shape, dtype=torch.uint8, device=value.device)
             else:

@@ -214,7 +214,7 @@ def restore_nnunet(logits: torch.Tensor | np.ndarray, properties: Mapping[str, A
             index[lead] = slice(lo, hi)
             part = logits[c][tuple(index)]
             part = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.asarray(part, np.float32))
-            return part.detach().float().movedim(lead, 0)
+            return part.detach().movedim(lead, 0)  # fp16 stays fp16: resampled_argmax rounds as nnU-Net
         return slab
 
     index = resampled_argmax([channel(c) for c in range(logits.shape[0])], [logits.shape[1 + lead]], out_shape, axis)
@@ -230,17 +230,21 @@ def restore_nnunet(logits: torch.Tensor | np.ndarray, properties: Mapping[str, A
     return segmentation
 
 
-def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> torch.Tensor:
+def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1 / 8,
+                    min_weight: float | None = 1e-3) -> torch.Tensor:
     """nnU-Net's ``compute_gaussian`` weights: a centred delta blurred with sigma = patch * ``sigma_scale``,
     scaled to max 10 and stored in fp16 (tiny corner weights underflow and are replaced by the smallest
     non-zero one), as nnU-Net 2.8 blends windows.
 
-    Returned in fp32 and scaled so that its minimum is 1e-3: MONAI clamps blending weights to >= 1e-3, and
-    blending is invariant to the scale, so the relative weights stay nnU-Net's."""
+    Returned in fp32: with ``min_weight=None`` exactly nnU-Net's fp16 values (what fp16 blending needs to
+    round as nnU-Net rounds); else scaled so that the minimum is ``min_weight`` (MONAI clamps blending
+    weights to >= 1e-3; blending is invariant to the scale, so the relative weights stay nnU-Net's)."""
     delta = np.zeros(tuple(int(p) for p in patch_size))
     delta[tuple(p // 2 for p in delta.shape)] = 1
     gaussian = ndimage.gaussian_filter(delta, [p * sigma_scale for p in delta.shape], 0, mode="constant", cval=0)
     gaussian = (gaussian / (gaussian.max() / 10)).astype(np.float16)
     gaussian[gaussian == 0] = gaussian[gaussian > 0].min()
+    if min_weight is None:
+        return torch.from_numpy(gaussian.astype(np.float32))
     gaussian = gaussian.astype(np.float64)
-    return torch.from_numpy((gaussian * (1e-3 / gaussian.min())).astype(np.float32))
+    return torch.from_numpy((gaussian * (min_weight / gaussian.min())).astype(np.float32))

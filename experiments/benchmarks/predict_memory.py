@@ -1,13 +1,14 @@
 """Peak memory of ``aeval.prediction.predict_file`` on a 512x512x400 CT with STU-Net-S on CPU (issue 6's target:
-within 6 GB peak RSS).
+within 6 GB peak RSS without TTA; issue 14's: within 4 GB at native spacing with 8-flip TTA, 14 classes).
 
 A synthetic CT (air around an elliptic body of soft tissue with brighter organs and a spine, int16, written
 uncompressed) is predicted end to end as a user's file would be: read, reoriented, cropped to the body,
 normalised, resampled to the plan's target spacing, sliding-window inference (patch 128^3, overlap 0.5,
 Gaussian weighting), logits resampled back and argmaxed, written as uint8 NIfTI. The network is STU-Net-S
-with random weights and 14 classes. ONE sliding-window pass (``mirror_axes=()``, no mirror TTA): with TTA the
-flips of each window go through the network as one batch, which multiplies the time by ~8 and adds the
-batch's activations, not another full-volume buffer.
+with random weights and 14 classes. ``--mirror`` adds the 8-flip TTA (on a CPU a 128^3 window's flips go
+through the network one per forward, ``inference.network_batch_size`` auto), which multiplies the time by 8
+and adds one window's summed logits, not another full-volume buffer. ``--accumulate`` is
+``inference.accumulate`` (auto: fp16 full-volume logits once fp32 ones would exceed 2 GiB).
 
 The prediction runs in a child process, so its peak RSS (``ru_maxrss``, and VmHWM) does not include
 building the volume; the child also reports its RSS after imports and model construction.
@@ -110,6 +111,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
+    from aeval.cpu import inference_allocator
     from aeval.data.geometry import resampled_shape
     from aeval.models.load import LoadedModel
     from aeval.models.stunet import build_stunet
@@ -124,13 +126,14 @@ def child(args: argparse.Namespace) -> dict:
     else:
         net = build_stunet(args.net, 1, 14, pool_op_kernel_sizes=plan["pool_op_kernel_sizes"])
     model = LoadedModel(net, plan, "flare22")
-    predictor = make_predictor(model, {"mirror_axes": [], "precision": args.precision, "device": "cpu"})
+    predictor = make_predictor(model, {"mirror_axes": [0, 1, 2] if args.mirror else [], "precision": args.precision,
+                                       "device": "cpu", "accumulate": args.accumulate})
     net.eval()
     window_activation_mib = None
     if args.net != "pointwise":  # the network's own share: RSS growth of one window's forward
         reset_peak_rss()
         before = rss_mib()
-        with torch.inference_mode():
+        with torch.inference_mode(), inference_allocator():
             predictor.window_predictor(torch.zeros(1, 1, *args.patch))
         window_activation_mib = vm_hwm_mib() - before
     rss_ready = rss_mib()
@@ -140,7 +143,8 @@ def child(args: argparse.Namespace) -> dict:
     resampled = resampled_shape(args.shape, args.spacing, args.target_spacing)
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "vm_hwm_mib": vm_hwm_mib(),
             "rss_before_predict_mib": rss_ready, "window_forward_growth_mib": window_activation_mib,
-            "seconds": seconds, "precision": predictor.precision, "threads": torch.get_num_threads(),
+            "seconds": seconds, "cpu_seconds": time.process_time(), "precision": predictor.precision,
+            "threads": torch.get_num_threads(), "flips": len(predictor.flips), "accumulate": args.accumulate,
             "resampled_shape_before_crop": resampled, "written": str(target)}
 
 
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--net", default="s", help="STU-Net size (s, b, ...) or 'pointwise'")
     parser.add_argument("--precision", default="fp32", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--mirror", action="store_true", help="8-flip mirror TTA")
+    parser.add_argument("--accumulate", default="auto", choices=["auto", "fp32", "fp16"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/aeval_predict_memory"))
     parser.add_argument("--volume", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"volume {args.shape} at {args.spacing} mm -> target {args.target_spacing} mm "
           f"(resampled before the body crop: {report['resampled_shape_before_crop']}), patch {args.patch}, "
-          f"net {args.net}, {report['precision']}, {report['threads']} thread(s), one pass (no mirror TTA)")
+          f"net {args.net}, {report['precision']}, {report['threads']} thread(s), {report['flips']} flip(s), "
+          f"accumulate {args.accumulate}")
     print(f"peak RSS {report['peak_rss_mib']:.0f} MiB (VmHWM {report['vm_hwm_mib']:.0f}); "
           f"RSS before predicting {report['rss_before_predict_mib']:.0f} MiB; "
           f"one window's forward grew RSS by {report['window_forward_growth_mib'] or 0:.0f} MiB; "
