@@ -25,7 +25,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from aeval.cpu import set_torch_threads
+from aeval.cpu import cpu_has_native_bf16, set_torch_threads
 from aeval.data.cache import preprocess_dataset
 from aeval.data.datamodule import AEvalDataModule
 from aeval.data.planner import plan_datasets
@@ -232,8 +232,4 @@ def bf16_supported(trainer_cfg: dict[str, Any]) -> bool:
     accelerator = trainer_cfg.get("accelerator", "auto")
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return cpu_has_native_bf16()

@@ -12,15 +12,13 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 from monai.data.utils import compute_importance_map
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from aeval.cpu import inference_allocator, release_free_heap
+from aeval.cpu import cpu_has_native_bf16, inference_allocator, release_free_heap
 
 PRECISIONS = ("auto", "bf16", "fp32")
 TILINGS = ("monai", "nnunet")
@@ -37,23 +35,6 @@ FP32_LOGITS_LIMIT = 2 << 30
 CPU_VOXELS_PER_FORWARD = 128 ** 3
 # CPU, tuned allocator: free heap memory is returned after every window once the logits take more than this
 TRIM_LOGITS_ABOVE = 1 << 30
-
-
-@lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matrix/vector units (AMX or AVX-512-BF16) that oneDNN uses; without them
-    PyTorch's bf16 convolutions fall back to a slow reference path (measured ~100x slower than fp32)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

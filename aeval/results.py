@@ -63,7 +63,7 @@ def write_scores(out_dir: str | os.PathLike, rows: Iterable[Mapping], summary: M
 
 def write_cell(results_root: str | os.PathLike, key: CellKey, summary: Mapping[str, Any],
                rows: Iterable[Mapping] | None = None) -> Path:
-    """Write one cell with its key added to the summary (what :func:`aeval.score.score_folder` returns)."""
+    """Write one cell with its key added to the summary (what :func:`aeval.scoring.score_folder` returns)."""
     folder = cell_dir(results_root, key)
     full = {**summary, **key.as_dict()}
     if rows is None:

@@ -144,3 +144,13 @@ def test_an_unread_key_is_caught():
     node = {"trainer": {"max_epochs": 1, "max_epohcs": 1},
             "optim": {"_target_": "torch.optim.SGD", "lr": 0.01, "nesterov_momentum": 0.9}}
     assert _unread(node, "", source, interpolated, set()) == ["trainer.max_epohcs", "optim.nesterov_momentum"]
+
+
+def test_inference_defaults_are_written_once():
+    """conf/inference/default.yaml shows the predictor's own defaults (what a key left out gets), key for key."""
+    from aeval.prediction import INFERENCE_SETTINGS, PROCESS_SETTINGS, predictor_defaults
+
+    config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "inference" / "default.yaml"))
+    assert set(config) == set(INFERENCE_SETTINGS) | set(PROCESS_SETTINGS)
+    defaults = predictor_defaults()
+    assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in defaults} == defaults

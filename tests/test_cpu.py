@@ -77,17 +77,17 @@ def test_stages_use_the_helper(cores, monkeypatch, tmp_path):
     each worker's threads; train's torch_threads goes through the same function."""
     import inspect
 
-    from aeval import fit, predict, score
+    from aeval import fit, prediction, scoring
 
     assert "set_torch_threads(cfg.get(\"torch_threads\"))" in inspect.getsource(fit.train)
-    assert "set_torch_threads" in inspect.getsource(predict.predict_files)
+    assert "set_torch_threads" in inspect.getsource(prediction.predict_files)
     calls = {}
-    from aeval.parallel import CaseFailure
+    from aeval.errors import CaseFailure
 
     def fake_map(fn, args, **kw):
         calls.update(kw)
         return [CaseFailure(str(job[1]), "not scored here") for job in args]
-    monkeypatch.setattr(score, "map_cases", fake_map)
+    monkeypatch.setattr(scoring, "map_cases", fake_map)
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred").mkdir()
     import nibabel as nib
@@ -96,11 +96,11 @@ def test_stages_use_the_helper(cores, monkeypatch, tmp_path):
         for folder in ("gt", "pred"):
             nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / folder / f"{name}.nii.gz")
     cores(2)
-    score.score_folder(tmp_path / "pred", tmp_path / "gt", "aeval8", "aeval8", progress=False, printer=lambda s: None)
+    scoring.score_folder(tmp_path / "pred", tmp_path / "gt", "aeval8", "aeval8", progress=False, quiet=True)
     assert calls["num_workers"] == 2 and calls["initializer"] is cpu.limit_worker_threads
     assert calls["initargs"] == (2,)
-    score.score_folder(tmp_path / "pred", tmp_path / "gt", "aeval8", "aeval8", num_workers=1, progress=False,
-                       printer=lambda s: None)
+    scoring.score_folder(tmp_path / "pred", tmp_path / "gt", "aeval8", "aeval8", num_workers=1, progress=False,
+                         quiet=True)
     assert calls["num_workers"] == 1
 
 

@@ -1,4 +1,4 @@
-"""aeval.predict: predictions land in each input's original geometry (orientation, anisotropic spacing, crop),
+"""aeval.prediction: predictions land in each input's original geometry (orientation, anisotropic spacing, crop),
 the inference configs reach the predictor, real CT keeps its geometry, bad inputs are one line each through
 the CLI, and both checkpoint kinds (ours, official STU-Net) load."""
 

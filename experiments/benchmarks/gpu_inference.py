@@ -1,10 +1,10 @@
 """Seconds per 512x512x300 CT volume for STU-Net S/B/L: sliding window (128^3 patches, overlap 0.5, Gaussian
 blending), 8-flip mirror TTA batched through the network, bf16 autocast, random weights.
 
-Self-contained: needs torch and monai only, and loads ``aeval/inference.py`` and ``aeval/models/stunet.py``
-by file path, so it runs on a bare GPU machine from a copy of the repository (``pip install monai`` if it
-is missing). A timed volume starts as a host tensor (as after preprocessing) and ends as uint8 labels in
-host memory: host-to-device copy, all windows, stitching, argmax and the copy back are included. On a
+Needs torch, monai and the aeval package (``pip install -e .``, which brings monai); loads
+``aeval/inference.py`` and ``aeval/models/stunet.py`` by file path from the copy of the repository it runs in.
+A timed volume starts as a host tensor (as after preprocessing) and ends as uint8 labels in host memory:
+host-to-device copy, all windows, stitching, argmax and the copy back are included. On a
 GPU each size is warmed up first on one patch-sized volume (cuDNN autotuning). Right after its timing,
 the first size is also run in fp32 (TF32 off) to report how many voxels keep their bf16 label, and with the
 logits stitched in host memory (the path for volumes too large for the GPU) against GPU stitching.

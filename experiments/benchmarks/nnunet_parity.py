@@ -8,7 +8,7 @@ in one process.
 
 Each side reads the file, preprocesses, predicts (8 flips unless --no-mirror), restores and writes a NIfTI:
 nnU-Net with ``predict_from_files_sequential`` (its whole pipeline, no worker processes), aeval with
-``aeval.predict.predict_file``. nnU-Net runs first, so the allocator setting aeval uses while predicting
+``aeval.prediction.predict_file``. nnU-Net runs first, so the allocator setting aeval uses while predicting
 (``inference.cpu_allocator=tuned``) is not in force for it; ``--nnunet-tuned-allocator`` runs nnU-Net inside
 the same setting, to show what that lever alone is worth. Prints wall and CPU seconds of both, their ratio, and
 the voxel agreement of the written label maps. nnU-Net 2.8 accumulates blended logits in fp16 (also on a

@@ -115,7 +115,7 @@ def main() -> int:
 
         def score(workers):
             score_folder(tmp / "pred", tmp / "gt", "aeval8", "aeval8", num_workers=workers, progress=False,
-                         printer=lambda line: None)
+                         quiet=True)
         ok &= report(f"score {args.cases} cases of 160x160x120 (num_workers)",
                      best_of([*hand, None], score, args.repeats), "default")
     print(f"load average after {os.getloadavg()[0]:.2f}")
