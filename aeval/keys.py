@@ -38,6 +38,11 @@ def model_name(size: str) -> str:
     return size if size.startswith("stu_") else f"stu_{size}"
 
 
+def model_size(name: str) -> str:
+    """``stu_s`` -> ``s``: the inverse of :func:`model_name` (a bare size stays as it is)."""
+    return model_name(name).removeprefix("stu_")
+
+
 def digest(value: Any, length: int = 12) -> str:
     """A short, stable hash of a JSON-able value (keys sorted)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aeval.dataset import DATASET_JSON, UnifiedDataset
-from aeval.keys import MODEL_SIZES
+from aeval.keys import MODEL_SIZES, model_size
 from aeval.labels import LABEL_SYSTEMS
 
 __all__ = ["ConfigError", "check_output_folder", "check_train_config", "known_datasets"]
@@ -109,7 +109,7 @@ def check_train_config(cfg: Mapping[str, Any], *, datasets: bool = True) -> None
 
     if datasets:
         _check_datasets(cfg)
-    _choice(cfg, "model.size", sorted(MODEL_SIZES), lambda s: s.lower().removeprefix("stu_"))
+    _choice(cfg, "model.size", sorted(MODEL_SIZES), model_size)
     _check_target(cfg, "optim", torch.optim.Optimizer)
     _check_target(cfg, "loss", torch.nn.Module)
     _choice(cfg, "trainer.precision", PRECISIONS)

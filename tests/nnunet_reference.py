@@ -140,3 +140,20 @@ def nnunet_predict(predictor, path: Path) -> tuple[np.ndarray, np.ndarray, torch
         logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties,
         return_probabilities=True, num_threads_torch=1)
     return seg.transpose(2, 1, 0), probabilities.transpose(0, 3, 2, 1), logits
+
+
+def synthetic_ct(shape, seed=0, border=0) -> np.ndarray:
+    """A body (soft tissue + noise) in air with two brighter organs; ``border`` voxels of zeros around it."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    image = np.full(shape, -1000.0)
+    body = grid[0] ** 2 + grid[1] ** 2 < 0.8
+    image[body] = 40 + rng.normal(0, 20, body.sum())
+    image[(grid[0] - 0.3) ** 2 + (grid[1] + 0.2) ** 2 + grid[2] ** 2 < 0.15] += 120
+    image[(grid[0] + 0.3) ** 2 + (grid[1] - 0.1) ** 2 + (grid[2] - 0.3) ** 2 < 0.08] += 300
+    if border:
+        inner = tuple(slice(border, n - border) for n in shape)
+        framed = np.zeros(shape)
+        framed[inner] = image[inner]
+        image = framed
+    return image.astype(np.int16)

@@ -20,6 +20,7 @@ from nnunet_reference import (  # noqa: E402
     nnunet_predict,
     nnunet_predictor,
     nnunet_preprocess,
+    synthetic_ct,
     tiny_net,
     v2_plans,
     write_v1_model,
@@ -44,23 +45,6 @@ CASES = {
     "permuted": ("SPL", (2.5, 1.2, 1.0), (20, 36, 40), (3.0, 2.0, 2.0), (2, 0, 1)),
     "separate_z": ("LPS", (0.8, 0.8, 4.0), (48, 48, 10), (3.0, 2.0, 2.0), (0, 1, 2)),
 }
-
-
-def synthetic_ct(shape, seed=0, border=0) -> np.ndarray:
-    """A body (soft tissue + noise) in air with two brighter organs; ``border`` voxels of zeros around it."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-    image = np.full(shape, -1000.0)
-    body = grid[0] ** 2 + grid[1] ** 2 < 0.8
-    image[body] = 40 + rng.normal(0, 20, body.sum())
-    image[(grid[0] - 0.3) ** 2 + (grid[1] + 0.2) ** 2 + grid[2] ** 2 < 0.15] += 120
-    image[(grid[0] + 0.3) ** 2 + (grid[1] - 0.1) ** 2 + (grid[2] - 0.3) ** 2 < 0.08] += 300
-    if border:
-        inner = tuple(slice(border, n - border) for n in shape)
-        framed = np.zeros(shape)
-        framed[inner] = image[inner]
-        image = framed
-    return image.astype(np.int16)
 
 
 def write_case(tmp_path, name):

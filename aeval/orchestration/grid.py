@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.config
 import multiprocessing
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -196,8 +197,11 @@ def _run_one_row(job: DictConfig, row: GridRow, tests: Sequence[str], failures: 
         log_job_to_wandb({})
 
 
-def _row_process(job: dict, row: GridRow, tests: list[str]) -> list[CaseFailure]:
-    """A row in a worker process of :func:`run_rows`; returns its failure records (the parent logs them)."""
+def _row_process(job: dict, row: GridRow, tests: list[str], log_config: dict | None) -> list[CaseFailure]:
+    """A row in a worker process of :func:`run_rows`; returns its failure records (the parent logs them). The
+    worker logs through the parent job's logging config (Hydra's job_logging), so its lines look the same."""
+    if log_config:
+        logging.config.dictConfig(log_config)
     failures = FailureLog(quiet=True)
     _run_one_row(OmegaConf.create(job), row, tests, failures)
     return failures.records
@@ -222,14 +226,21 @@ def run_rows(cfg: DictConfig, rows: Sequence[GridRow], tests: Sequence[str], fai
         return keys
     context = multiprocessing.get_context("spawn")  # no forked copies of torch/OpenMP state or W&B threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(_row_process, OmegaConf.to_container(job, resolve=False), row, list(tests)): row
-                   for row, job in jobs}
+        futures = {pool.submit(_row_process, OmegaConf.to_container(job, resolve=False), row, list(tests),
+                               _job_logging()): row for row, job in jobs}
         for future, row in futures.items():
             try:
                 failures.extend(future.result())
             except Exception as err:  # a worker that died
                 failures.add(f"grid row {row.name} failed: {type(err).__name__}: {err}")
     return keys
+
+
+def _job_logging() -> dict | None:
+    """This job's logging config (Hydra's ``job_logging``, resolved), for worker processes."""
+    if not HydraConfig.initialized():
+        return None
+    return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True)
 
 
 def report_spec(cfg: DictConfig) -> ReportSpec:
@@ -279,12 +290,12 @@ def report_runs(spec: ReportSpec, runs: Sequence[RunKey], failures: FailureLog |
     report_dir = Path(spec.report_dir)
     report = build_report(main_cells, report_dir, paper=spec.paper, title=spec.title)
     main_tables, _, _ = report.text.partition("\n### Per organ")  # per-organ tables: see grid.md
-    console.print(main_tables, highlight=False, markup=False)
+    console.print(main_tables, highlight=False, markup=False, soft_wrap=True)
     marginal = [c for c in cells if c["train"] == "joint"]
     if spec.compare_marginal and {c["protocol"] for c in marginal} >= {"joint", "joint_marginal"}:
         comparison = build_report(marginal, report_dir / "joint_vs_marginal", figures=False,
                                   title="Joint training: the paper's rounds vs the marginal loss")
-        console.print(comparison.text, highlight=False, markup=False)
+        console.print(comparison.text, highlight=False, markup=False, soft_wrap=True)
     if missing:
         lines = [f"- {run} → {test}" for run, test in missing]
         write_text_atomic(report_dir / "grid.md", report.text + "\n### Missing cells (not scored or failed)\n\n"

@@ -31,12 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from loader_speed import RESULTS, machine, write_synthetic_case  # same folder
+from loader_speed import RESULTS, machine, synthetic_cache  # same folder
 
 from aeval.data.augment import AUGMENTATION_DEFAULTS
-from aeval.data.cache import preprocess_dataset
 from aeval.data.datamodule import AEvalDataModule
-from aeval.data.planner import plan_datasets
 from aeval.models.stunet import build_stunet
 
 
@@ -105,10 +103,7 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_synthetic_case(root / "unified", tuple(args.shape), (0.8, 0.8, 1.5))
-        plan_dir = plan_datasets(["bench"], root / "unified", root / "pre", patch_size=[128, 128, 128])
-        plan = json.loads((plan_dir / "plans.json").read_text())
-        cache = preprocess_dataset(root / "unified" / "bench", plan_dir / "plans.json")
+        plan, cache = synthetic_cache(root, tuple(args.shape))
         runs = [time_mode(mode, cache, plan, args, device) for mode in ("cpu", "gpu")]
     for run in runs:
         print(f"augment_on={run['augment_on']}: {run['iteration_ms']} ms per iteration (loader wait "

@@ -44,6 +44,14 @@ from aeval.nifti import write_text_atomic
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def synthetic_cache(root: Path, shape: tuple[int, int, int]) -> tuple[dict, Path]:
+    """One synthetic CT case planned at patch 128^3 and preprocessed under ``root``: the plan and the cache."""
+    write_synthetic_case(root / "unified", shape, (0.8, 0.8, 1.5))
+    plan_dir = plan_datasets(["bench"], root / "unified", root / "pre", patch_size=[128, 128, 128])
+    plan = json.loads((plan_dir / "plans.json").read_text())
+    return plan, preprocess_dataset(root / "unified" / "bench", plan_dir / "plans.json")
+
+
 def write_synthetic_case(root: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> Path:
     """One CT case in the unified layout: a body ellipse of soft tissue in air, 13 ellipsoid organs."""
     rng = np.random.default_rng(0)
@@ -164,10 +172,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_synthetic_case(root / "unified", tuple(args.shape), (0.8, 0.8, 1.5))
-        plan_dir = plan_datasets(["bench"], root / "unified", root / "pre", patch_size=[128, 128, 128])
-        plan = json.loads((plan_dir / "plans.json").read_text())
-        cache = preprocess_dataset(root / "unified" / "bench", plan_dir / "plans.json")
+        plan, cache = synthetic_cache(root, tuple(args.shape))
         reference = time_nnunet(cache, plan, root, args.batches, args.warmup)
         runs = [time_loader(cache, plan, workers, args.batches, args.warmup)
                 for workers in [0, *[w for w in args.workers if w]]]

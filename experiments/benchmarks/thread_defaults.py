@@ -25,22 +25,15 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from nnunet_reference import synthetic_ct  # noqa: E402  (the parity tests' CT phantom)
+
 from aeval.cpu import available_cores, default_workers, threads_per_worker  # noqa: E402
 from aeval.data.planner import plan_hash  # noqa: E402
 from aeval.models.load import LoadedModel  # noqa: E402
 from aeval.models.stunet import build_stunet  # noqa: E402
 from aeval.prediction import predict_files  # noqa: E402
 from aeval.scoring import score_folder  # noqa: E402
-
-
-def ct_volume(shape, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-    image = np.full(shape, -1000.0)
-    body = grid[0] ** 2 + grid[1] ** 2 < 0.8
-    image[body] = 40 + rng.normal(0, 20, body.sum())
-    image[(grid[0] - 0.3) ** 2 + (grid[1] + 0.2) ** 2 + grid[2] ** 2 < 0.15] += 120
-    return image.astype(np.int16)
 
 
 def small_model() -> LoadedModel:
@@ -90,7 +83,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         image = tmp / "ct_0000.nii.gz"
-        nib.save(nib.Nifti1Image(ct_volume((96, 96, 64)), np.diag([1.5, 1.5, 1.5, 1])), image)
+        nib.save(nib.Nifti1Image(synthetic_ct((96, 96, 64)), np.diag([1.5, 1.5, 1.5, 1])), image)
         model = small_model()
 
         def predict(threads):
