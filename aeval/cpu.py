@@ -87,7 +87,6 @@ def set_torch_threads(requested: int | None = None, workers: int = 1) -> int:
 
 
 @lru_cache(maxsize=1)
-@lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 matrix/vector units (AMX or AVX-512-BF16) that oneDNN uses; without them
     PyTorch's bf16 convolutions fall back to a slow reference path (measured ~100x slower than fp32)."""

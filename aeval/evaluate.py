@@ -12,6 +12,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
+from aeval.cpu import set_torch_threads
 from aeval.entry import hydra_entry
 from aeval.errors import FailureLog
 from aeval.evaluation import checkpoint_key, evaluate
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_job(cfg: DictConfig) -> int:
     """Evaluate one checkpoint on the test sets; the exit code is 2 when any case failed."""
+    set_torch_threads(cfg.inference.get("threads"))  # null: OMP_NUM_THREADS, else the free cores
     model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"), label_system=cfg.get("model_labels"),
                        configuration=cfg.get("configuration"), reorient=cfg.get("reorient"))
     key = checkpoint_key(model, {"protocol": cfg.protocol_name, "train": cfg.train_name, "model": cfg.model_name,

@@ -226,7 +226,8 @@ class SlidingWindowPredictor:
         voxels = 1
         for size, patch in zip(spatial_shape, self.patch_size, strict=True):
             voxels *= max(size, patch)
-        needed = (self.num_classes() + 1) * voxels * 4
+        logits_bytes = torch.empty((), dtype=self.accumulator_for(spatial_shape)).element_size()
+        needed = (self.num_classes() * logits_bytes + 4) * voxels  # the logits and an fp32 weight map
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return self.device if needed <= GPU_STITCH_SHARE * free else torch.device("cpu")

@@ -14,6 +14,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
+from aeval.cpu import set_torch_threads
 from aeval.entry import hydra_entry
 from aeval.errors import FailureLog
 from aeval.models.load import load_model
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def predict_job(cfg: DictConfig) -> int:
     """Segment every input; a bad input is one line and the others go on (exit code 2)."""
+    set_torch_threads(cfg.inference.get("threads"))  # null: OMP_NUM_THREADS, else the free cores
     failures = FailureLog()
     model = load_model(cfg.ckpt_path, plan=cfg.get("plan"), size=cfg.get("size"), label_system=cfg.get("model_labels"),
                        configuration=cfg.get("configuration"), reorient=cfg.get("reorient"))

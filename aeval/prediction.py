@@ -94,7 +94,9 @@ def predict_files(model: LoadedModel, inputs: Sequence[Path], output_dir: str | 
     if to_system is not None:
         known_system(to_system, Path("to_labels"))
     predictor = make_predictor(model, inference)
-    set_torch_threads((inference or {}).get("threads"))
+    threads = (inference or {}).get("threads")
+    if threads is not None:  # else the process keeps its threads (a training run set them; aeval.predict sets them)
+        set_torch_threads(threads)
     output_dir = Path(output_dir)
     written = []
     columns = (TextColumn("predict {task.fields[case]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -129,7 +131,7 @@ def predict_file(predictor: SlidingWindowPredictor, model: LoadedModel, path: Pa
         del image
         segmentation = restore_nnunet(logits, properties) if nnunet else restore_to_original(logits, properties)
         del logits
-    except MemoryError:
+    except (MemoryError, torch.OutOfMemoryError):  # host or GPU: this case is too large, the next may fit
         raise CaseError(path, "out of memory (try inference.stitch_device=cpu or fewer mirror_axes)") from None
     if to_system:
         segmentation = remap(segmentation, model.label_system, to_system)

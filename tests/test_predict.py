@@ -163,6 +163,34 @@ def test_fast_and_default_inference_configs_reach_the_predictor(tmp_path):
         np.testing.assert_array_equal(prediction, labels, err_msg=name)
 
 
+def test_an_out_of_memory_case_is_one_failure_and_the_others_go_on(tmp_path):
+    """A case too large for the device (torch's OutOfMemoryError, a RuntimeError) is a failure line naming the
+    file; any other RuntimeError (a bug) still propagates."""
+    shape = (30, 26, 20)
+    labels = ellipsoids(shape, BLOBS)
+    paths = [tmp_path / f"{name}_0000.nii.gz" for name in ("big", "small")]
+    for path in paths:
+        nib.save(nib.Nifti1Image(labels.astype(np.float32), affine_for("LPS", (1.2, 1.2, 2.0))), path)
+    model = identity_model(hand_plan("MR", (1.2, 1.2, 2.0), (16, 16, 16)))
+    forward = model.net.forward
+
+    def oom_on_first(x):
+        if not model.net.batch_sizes:
+            model.net.batch_sizes.append(0)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return forward(x)
+
+    model.net.forward = oom_on_first
+    failures = FailureLog(quiet=True)
+    written = predict_files(model, paths, tmp_path / "out", inference={"mirror_axes": []}, failures=failures)
+    assert [p.name for p in written] == ["small.nii.gz"]
+    assert [str(f) for f in failures.records] == [f"{paths[0]}: out of memory (try inference.stitch_device=cpu "
+                                                  "or fewer mirror_axes)"]
+    model.net.forward = lambda x: (_ for _ in ()).throw(RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        predict_files(model, paths[1:], tmp_path / "again", inference={"mirror_axes": []}, failures=failures)
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------
 
 def test_lightning_checkpoint_loads_with_its_plan_and_run_key(tmp_path):
