@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["EXPECTED_CASE_ERRORS", "CaseError", "CaseFailure", "FailureLog"]
+__all__ = ["EXPECTED_CASE_ERRORS", "EXPECTED_COMPUTE_ERRORS", "CaseError", "CaseFailure", "FailureLog"]
 
 log = logging.getLogger("aeval")
 
@@ -34,6 +34,9 @@ class CaseError(Exception):
 
 # What a bad input file raises besides CaseError (nibabel/gzip/zlib/numpy on truncated or foreign files).
 EXPECTED_CASE_ERRORS: tuple[type[BaseException], ...] = (CaseError, OSError, ValueError, EOFError)
+# A per-case computation on odd input (torch's resampling of an odd shape, scipy on a degenerate mask) raises
+# RuntimeError too; the stages that run such computations per case (the cache, scoring) catch these.
+EXPECTED_COMPUTE_ERRORS: tuple[type[BaseException], ...] = (*EXPECTED_CASE_ERRORS, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,6 @@ class FailureLog:
     def merge(self, other: FailureLog) -> None:
         """Take over the records of another log (already logged there, so not again)."""
         self.records.extend(other.records)
-
-    def paths(self) -> set[str]:
-        return {record.path for record in self.records}
 
     @contextmanager
     def case(self, path: str | os.PathLike) -> Iterator[None]:

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from aeval.cpu import default_workers, limit_worker_threads
 from aeval.data.convert import merge_totalseg
-from aeval.errors import EXPECTED_CASE_ERRORS, CaseError, CaseFailure, FailureLog
+from aeval.errors import EXPECTED_COMPUTE_ERRORS, CaseError, CaseFailure, FailureLog
 from aeval.labels import get_system, remap
 from aeval.metrics import empty_flags, score_case, scoring_rules
 from aeval.nifti import is_nifti, nifti_case_name, nifti_cases, read_label, remove_stale_temporaries, spacing_of
@@ -37,7 +37,6 @@ from aeval.surface import surfel_area_table
 
 log = logging.getLogger(__name__)
 
-SCORE_ERRORS = (*EXPECTED_CASE_ERRORS, RuntimeError)  # scipy/numpy on a degenerate mask
 
 
 def _nifti_files(folder: Path, failures: FailureLog, mask_folders: bool = False) -> tuple[dict[str, Path], set[str]]:
@@ -180,7 +179,7 @@ def score_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, pred_la
     args = [(case, p, g, pred_labels, gt_labels, metric, classes) for case, p, g in jobs]
     workers = default_workers(num_workers, len(args))
     outcomes = map_cases(_score_job, args, num_workers=workers, path_of=lambda job: job[1],
-                         description="scoring", show_progress=progress, expected=SCORE_ERRORS,
+                         description="scoring", show_progress=progress, expected=EXPECTED_COMPUTE_ERRORS,
                          initializer=limit_worker_threads, initargs=(workers,))
     results = {job[0]: outcome for job, outcome in zip(args, outcomes, strict=True)
                if not isinstance(outcome, CaseFailure)}

@@ -20,7 +20,7 @@ from rich.progress import Progress
 
 from aeval.data.preprocess import preprocess_case
 from aeval.dataset import UnifiedDataset
-from aeval.errors import EXPECTED_CASE_ERRORS, CaseFailure, FailureLog
+from aeval.errors import EXPECTED_COMPUTE_ERRORS, CaseFailure, FailureLog
 from aeval.nifti import (
     atomic_path,
     file_stamp,
@@ -33,7 +33,6 @@ from aeval.plan import Plan
 log = logging.getLogger(__name__)
 
 
-CACHE_ERRORS = (*EXPECTED_CASE_ERRORS, RuntimeError)  # torch's resampling raises RuntimeError on odd shapes
 
 
 CACHE_MANIFEST = "cache.json"
@@ -142,7 +141,7 @@ def preprocess_dataset(dataset_dir: str | os.PathLike, plan_path: str | os.PathL
     jobs = [(dataset_dir, case, plan, cache_dir, dataset_info) for case in todo]
     remove_stale_temporaries(cache_dir)  # left by a run that was killed while writing
     results = map_cases(_cache_job, jobs, num_workers=num_workers, context="spawn",
-                        initializer=torch.set_num_threads, initargs=(1,), expected=CACHE_ERRORS,
+                        initializer=torch.set_num_threads, initargs=(1,), expected=EXPECTED_COMPUTE_ERRORS,
                         path_of=lambda job: UnifiedDataset(job[0]).image(job[1]),
                         description=f"preprocess {unified.name}", progress=progress)
     errors = [str(failure) for failure in failures_of(results)]

@@ -161,8 +161,8 @@ def convert_case(raw: RawCase, spec: DatasetSpec, out_dir: Path) -> ConvertedCas
         except ValueError as err:
             raise CaseError(raw.label, str(err).split(": ", 1)[1]) from None
         present = [int(v) for v in np.unique(labels) if v]
-    image_out = UnifiedDataset(out_dir).image(raw.case, raw.split)
-    label_out = UnifiedDataset(out_dir).label(raw.case, raw.split)
+    unified = UnifiedDataset(out_dir)
+    image_out, label_out = unified.image(raw.case, raw.split), unified.label(raw.case, raw.split)
     try:  # image first, label last: a case is complete or absent (a label alone would look labelled)
         _copy_atomic(raw.image, image_out)
         if raw.label is not None:

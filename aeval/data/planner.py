@@ -46,8 +46,6 @@ FINGERPRINT_VERSION = 2        # 2: nnU-Net's intensity sampling (order, seed, c
 VOXEL_BUDGET = 128**3          # voxels per patch: STU-Net's 128^3 (the published models' patch)
 NUM_POOLS = 5                  # STU-Net: six stages, downsampling in stages 1-5
 MIN_BOTTLENECK = 4             # an axis is not halved below this many voxels
-MAX_INTENSITY_SAMPLES = NNUNET_TOTAL_SAMPLES
-INTENSITY_SEED = NNUNET_SEED
 
 
 # --- fingerprint ---------------------------------------------------------------------------------------
@@ -88,7 +86,7 @@ def _fingerprint_case(job: tuple[Path, str, str, int, int]) -> tuple[dict[str, A
 
 
 def fingerprint_datasets(dataset_dirs: list[Path], *, num_workers: int = 1,
-                         max_intensity_samples: int = MAX_INTENSITY_SAMPLES, seed: int = INTENSITY_SEED
+                         max_intensity_samples: int = NNUNET_TOTAL_SAMPLES, seed: int = NNUNET_SEED
                          ) -> dict[str, Any]:
     """Spacing/shape/orientation of every training case of the unified datasets, and CT foreground
     intensity statistics pooled over their labelled CT cases (``max_intensity_samples // cases`` voxels
@@ -286,7 +284,7 @@ def make_plan(fingerprint: dict[str, Any], *, patch_size: Sequence[int] | None =
 
 def plan_datasets(names: list[str], data_root: str | os.PathLike, preprocessed_root: str | os.PathLike,
                   plan_name: str | None = None, num_workers: int = 1,
-                  intensity_samples: int = MAX_INTENSITY_SAMPLES, **overrides: Any) -> Path:
+                  intensity_samples: int = NNUNET_TOTAL_SAMPLES, **overrides: Any) -> Path:
     """Fingerprint (reused while the source files and the sampling are unchanged) and plan the union of
     ``names``; writes ``fingerprint.json`` and ``plans.json`` atomically into ``{preprocessed_root}/{plan_name}``
     (default name: the dataset names joined by ``+``) and returns that folder. ``intensity_samples``: CT
@@ -305,7 +303,7 @@ def plan_datasets(names: list[str], data_root: str | os.PathLike, preprocessed_r
             fingerprint = json.loads(fingerprint_path.read_text())
         except ValueError:
             fingerprint = None
-        sampling = {"max_samples": int(intensity_samples), "seed": INTENSITY_SEED, "rule": "nnunetv2"}
+        sampling = {"max_samples": int(intensity_samples), "seed": NNUNET_SEED, "rule": "nnunetv2"}
         if fingerprint and (fingerprint.get("sources_digest") != sources_digest(dataset_dirs)
                             or fingerprint.get("fingerprint_version") != FINGERPRINT_VERSION
                             or fingerprint.get("intensity_sampling") != sampling):

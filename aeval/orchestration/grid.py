@@ -226,8 +226,9 @@ def run_rows(cfg: DictConfig, rows: Sequence[GridRow], tests: Sequence[str], fai
         return keys
     context = multiprocessing.get_context("spawn")  # no forked copies of torch/OpenMP state or W&B threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        log_config = _job_logging()
         futures = {pool.submit(_row_process, OmegaConf.to_container(job, resolve=False), row, list(tests),
-                               _job_logging()): row for row, job in jobs}
+                               log_config): row for row, job in jobs}
         for future, row in futures.items():
             try:
                 failures.extend(future.result())
