@@ -2,16 +2,19 @@
 
 The window loop, Gaussian blending and padding of small volumes are MONAI's ``sliding_window_inference``;
 what this module adds is that the mirror flips of each window travel through the network as ONE batch
-(so one sliding-window pass does all 2^n flips), bf16 autocast where the hardware runs it natively, and a
-choice of where the full-volume logits are stitched (the compute GPU, or host memory for large volumes).
+(so one sliding-window pass does all 2^n flips), bf16 autocast where the hardware runs it natively, a
+choice of where the logits are stitched (the compute GPU, or host memory for large volumes), and, for volumes
+too large to hold their logits, blending in a band that hands rows over as they become final
+(:meth:`SlidingWindowPredictor.slabs`, ``aeval.stitching``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from monai.data.utils import compute_importance_map
@@ -19,22 +22,27 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from aeval.cpu import cpu_has_native_bf16, inference_allocator, release_free_heap
+from aeval.slabs import LogitSlabs
+from aeval.stitching import BlendBand, monai_steps, nnunet_steps
 
 PRECISIONS = ("auto", "bf16", "fp32")
 TILINGS = ("monai", "nnunet")
 STITCH_DEVICES = ("auto", "cpu", "cuda")
-# Dtype of the full-volume logits and weight sums: fp32, fp16 (half the memory; nnU-Net 2.8 accumulates so,
+# Dtype of the blended logits and weight sums: fp32, fp16 (half the memory; nnU-Net 2.8 accumulates so,
 # also on CPU), or auto = fp16 with nnU-Net's tiling (its published behaviour), else fp32.
 ACCUMULATORS = ("auto", "fp32", "fp16")
 # tuned: glibc keeps activation-sized blocks for reuse while predicting on a CPU (aeval.cpu.inference_allocator)
 CPU_ALLOCATORS = ("tuned", "system")
-# Stitch on the GPU only while the output and count map take at most this share of the free GPU memory.
+# Stitch on the GPU only while the logit and weight sums take at most this share of the free GPU memory.
 GPU_STITCH_SHARE = 0.5
-# accumulate=auto with MONAI's tiling: fp16 logits once fp32 ones would take more than this (native-resolution CTs)
+# accumulate=auto with MONAI's tiling: fp16 sums once fp32 ones would take more than this
 FP32_LOGITS_LIMIT = 2 << 30
 CPU_VOXELS_PER_FORWARD = 128 ** 3
-# CPU, tuned allocator: free heap memory is returned after every window once the logits take more than this
+# CPU, tuned allocator: free heap memory is returned after every window once the logits take more than this,
+# and always when blending in a band
 TRIM_LOGITS_ABOVE = 1 << 30
+# SlidingWindowPredictor.slabs: blend in a band one patch deep once the whole volume's fp32 logits would take more
+SLAB_LOGITS_ABOVE = 1 << 30
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -98,28 +106,6 @@ class MirroredNetwork:
         return summed.div_(len(self.flips))
 
 
-def nnunet_steps(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> list[list[int]]:
-    """nnU-Net's window starts per axis: as few windows as a step of ``step`` x patch allows, spread evenly
-    (MONAI instead steps by the full interval and clamps the last window to the border)."""
-    steps = []
-    for size, patch in zip(image_size, patch_size, strict=True):
-        count = int(math.ceil((size - patch) / (patch * step))) + 1
-        stride = (size - patch) / (count - 1) if count > 1 else 0
-        steps.append([int(round(stride * i)) for i in range(count)])
-    return steps
-
-
-def monai_steps(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[list[int]]:
-    """MONAI's window starts per axis (``sliding_window_inference``): every ``int(patch x (1 - overlap))``
-    voxels, the last window moved back to end at the border."""
-    steps = []
-    for size, patch in zip(image_size, patch_size, strict=True):
-        interval = patch if patch == size else max(1, int(patch * (1 - overlap)))
-        count = next(i for i in range(int(math.ceil(size / interval))) if i * interval + patch >= size) + 1
-        steps.append([i * interval - max(i * interval + patch - size, 0) for i in range(count)])
-    return steps
-
-
 def cpu_network_batch(patch_size: Sequence[int]) -> int:
     """Samples per forward on a CPU when not set: all flips of small windows (a larger batch uses the cores
     better), one 128^3 window at a time (STU-Net-S: ~0.9 GB of activations per 128^3 sample)."""
@@ -142,11 +128,12 @@ class SlidingWindowPredictor:
 
     ``predictor(image)`` takes a ``(C, X, Y, Z)`` tensor and returns ``(K, X, Y, Z)`` logits (float32, or
     float16 where :meth:`accumulator_for` says so: ``accumulate``) on the stitching device (CPU, or the GPU
-    when the output fits; ``stitch_device`` forces one). Windows of ``patch_size`` overlap by ``overlap`` and
+    when the output fits; ``stitch_device`` forces one); :meth:`slabs` hands them over a slab of rows at a
+    time, in a third of the memory for a large volume. Windows of ``patch_size`` overlap by ``overlap`` and
     are blended with a Gaussian (sigma = patch/8, as nnU-Net);
     volumes smaller than the patch are zero-padded and cropped back. ``importance_map`` replaces MONAI's
-    Gaussian and ``tiling="nnunet"`` places the windows where nnU-Net does (:func:`nnunet_steps`), so official
-    nnU-Net models blend exactly the windows nnU-Net blends. The model is moved to ``device``
+    Gaussian and ``tiling="nnunet"`` places the windows where nnU-Net does (``aeval.stitching.nnunet_steps``),
+    so official nnU-Net models blend exactly the windows nnU-Net blends. The model is moved to ``device``
     (default: CUDA if available) and run in eval mode with deep supervision off; both are restored after.
     """
 
@@ -217,8 +204,9 @@ class SlidingWindowPredictor:
         return self._num_classes
 
     def stitch_device_for(self, spatial_shape: Sequence[int]) -> torch.device:
-        """Where the logits of a volume are accumulated: the GPU while output + count map take at most half
-        of its free memory (fast, no transfers), else host memory; always the host for CPU inference."""
+        """Where the logits over ``spatial_shape`` (a volume, or a band of it) are accumulated: the GPU while
+        the logit and weight sums take at most half of its free memory (fast, no transfers), else host memory;
+        always the host for CPU inference."""
         if self.device.type != "cuda" or self.stitch_device == "cpu":
             return torch.device("cpu")
         if self.stitch_device == "cuda":
@@ -232,9 +220,26 @@ class SlidingWindowPredictor:
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return self.device if needed <= GPU_STITCH_SHARE * free else torch.device("cpu")
 
-    @torch.inference_mode()
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        image = self._check_image(image)
+    def _volume_bytes(self, spatial_shape: Sequence[int], bytes_per_value: int) -> int:
+        """Bytes of ``(K, *spatial_shape)`` logits (padded to the patch), K probed only when it matters."""
+        voxels = math.prod(max(int(n), p) for n, p in zip(spatial_shape, self.patch_size, strict=True))
+        if 256 * bytes_per_value * voxels <= min(FP32_LOGITS_LIMIT, SLAB_LOGITS_ABOVE):
+            return voxels * bytes_per_value  # small whatever the class count (uint8 labels): no probe
+        return self.num_classes() * bytes_per_value * voxels
+
+    def accumulator_for(self, spatial_shape: Sequence[int]) -> torch.dtype:
+        """The dtype of the logit sums over ``spatial_shape`` (the volume, or a band of it): ``accumulate``,
+        where ``auto`` is fp16 with nnU-Net's tiling (nnU-Net 2.8 blends in fp16, so its labels are reproduced)
+        and, with MONAI's, fp32 unless fp32 sums would exceed ``FP32_LOGITS_LIMIT`` bytes (half the memory)."""
+        if self.accumulate != "auto":
+            return torch.float16 if self.accumulate == "fp16" else torch.float32
+        if self.tiling == "nnunet":
+            return torch.float16
+        return torch.float16 if self._volume_bytes(spatial_shape, 4) > FP32_LOGITS_LIMIT else torch.float32
+
+    @contextlib.contextmanager
+    def _prepared(self) -> Iterator[None]:
+        """Eval mode, deep supervision off and (CPU) the tuned allocator; the model's state restored after."""
         was_training = self.model.training
         had_deep_supervision = hasattr(self.model, "deep_supervision")
         previous = getattr(self.model, "deep_supervision", None)
@@ -243,25 +248,48 @@ class SlidingWindowPredictor:
             self.model.deep_supervision = False
         tuned = self.device.type == "cpu" and self.cpu_allocator == "tuned"
         try:
-            with inference_allocator(tuned):
-                return self._predict(image)
+            with torch.inference_mode(), inference_allocator(tuned):
+                yield
         finally:
             self.model.train(was_training)
             if had_deep_supervision:
                 self.model.deep_supervision = previous
 
-    def accumulator_for(self, spatial_shape: Sequence[int]) -> torch.dtype:
-        """The dtype of the full-volume logits: ``accumulate``, where ``auto`` is fp16 with nnU-Net's tiling
-        (nnU-Net 2.8 blends in fp16, so its labels are reproduced) and, with MONAI's, fp32 unless fp32 logits
-        would exceed ``FP32_LOGITS_LIMIT`` bytes (a native-resolution CT: half the memory)."""
-        if self.accumulate != "auto":
-            return torch.float16 if self.accumulate == "fp16" else torch.float32
-        if self.tiling == "nnunet":
-            return torch.float16
-        voxels = math.prod(max(int(n), p) for n, p in zip(spatial_shape, self.patch_size, strict=True))
-        if 256 * 4 * voxels <= FP32_LOGITS_LIMIT:  # fits whatever the class count (uint8 labels): no probe
-            return torch.float32
-        return torch.float16 if self.num_classes() * 4 * voxels > FP32_LOGITS_LIMIT else torch.float32
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = self._check_image(image)
+        with self._prepared():
+            return self._predict(image)
+
+    def slabs(self, image: torch.Tensor, axis: int = 0, stream: bool | None = None) -> LogitSlabs:
+        """The logits of ``image`` handed over as final slabs along ``axis``, for a consumer that reads a few rows
+        at a time (``aeval.data.restore``). With ``stream`` (default: when the volume's fp32 logits would take
+        more than ``SLAB_LOGITS_ABOVE`` bytes) windows are blended in a band one patch deep along ``axis``, so
+        memory holds that band instead of the volume; the values are the whole-volume blend's (same windows,
+        weights and per-voxel order when ``axis`` is 0). Otherwise the whole volume is predicted and is one slab.
+        The image is checked now; the windows run as the slabs are read."""
+        image = self._check_image(image)
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+        if stream is None:
+            stream = self._volume_bytes(image.shape[1:], 4) > SLAB_LOGITS_ABOVE
+        if not stream:
+            with self._prepared():
+                return LogitSlabs.whole(self._predict(image), axis)
+        band = [max(int(n), p) for n, p in zip(image.shape[1:], self.patch_size, strict=True)]
+        band[axis] = self.patch_size[axis]
+        dtype = self.accumulator_for(band)
+        stitch = self.stitch_device_for(band)
+
+        def blended() -> Iterator[tuple[int, torch.Tensor]]:
+            slabs = self._blend(image, stitch, dtype, axis, self.patch_size[axis])
+            while True:  # the model's state and inference mode only while a slab is computed, not across yields
+                with self._prepared():
+                    slab = next(slabs, None)
+                if slab is None:
+                    return
+                yield slab
+
+        return LogitSlabs((self.num_classes(), *image.shape[1:]), axis, dtype, blended())
 
     def _predict(self, image: torch.Tensor) -> torch.Tensor:
         stitch = self.stitch_device_for(image.shape[1:])
@@ -281,8 +309,16 @@ class SlidingWindowPredictor:
         return logits[0].contiguous()
 
     def _tiled(self, image: torch.Tensor, stitch: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Zero-pad to the patch (split below/above as nnU-Net and MONAI do), blend the windows at nnU-Net's
-        or MONAI's positions with the importance map into ``dtype`` accumulators, crop the padding off.
+        """The whole volume blended by :meth:`_blend` into ``dtype`` sums (one band covering the volume)."""
+        ((_, logits),) = self._blend(image, stitch, dtype, axis=0, depth=None)
+        return logits.contiguous()
+
+    def _blend(self, image: torch.Tensor, stitch: torch.device, dtype: torch.dtype, axis: int,
+               depth: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Zero-pad to the patch (split below/above as nnU-Net and MONAI do), blend the windows at nnU-Net's or
+        MONAI's positions with the importance map into a :class:`BlendBand` of ``depth`` rows along ``axis``
+        (``None``: the whole volume), yield ``(first row, logits rows)`` of the unpadded volume as rows become
+        final (views of the band, valid until the next is asked for).
 
         With nnU-Net's tiling the weight sums share the logits' dtype and every operation is nnU-Net 2.8's
         (``prediction *= gaussian; logits[sl] += prediction; n[sl] += gaussian; logits /= n``), so fp16
@@ -292,34 +328,55 @@ class SlidingWindowPredictor:
         below = [d // 2 for d in pads]
         flat = [x for d, lo in zip(reversed(pads), reversed(below), strict=True) for x in (lo, d - lo)]
         padded = (torch.nn.functional.pad(image, flat) if any(pads) else image).to(stitch)
+        size = padded.shape[1 + axis]
         nnunet = self.tiling == "nnunet"
         steps = (nnunet_steps(padded.shape[1:], self.patch_size, 1 - self.overlap) if nnunet else
                  monai_steps(padded.shape[1:], self.patch_size, self.overlap))
-        windows = list(itertools.product(*steps))
+        banded = depth is not None and depth < size
+        # in the band's order: by start along ``axis`` (stable, so nnU-Net's order within a row of windows)
+        windows = sorted(itertools.product(*steps), key=lambda start: start[axis]) if banded else \
+            list(itertools.product(*steps))
+        levels = [list(group) for _, group in itertools.groupby(windows, key=lambda start: start[axis])] \
+            if banded else [windows]
         weight = self.importance_map.to(stitch)
         if not nnunet:
             weight = weight.clamp(min=max(float(weight[weight > 0].min()), 1e-3))
-        total = torch.zeros(padded.shape[1:], device=stitch, dtype=dtype if nnunet else torch.float32)
-        total_weight = weight.to(total.dtype)
+        weight_dtype = dtype if nnunet else torch.float32
+        weight_sum = weight.to(weight_dtype)
+        crop = [slice(lo, lo + n) for lo, n in zip(below, shape, strict=True)]
         tuned = self.device.type == "cpu" and self.cpu_allocator == "tuned"
+        band: BlendBand | None = None
         trim = False
-        out = None
-        for start in range(0, len(windows), self.sw_batch_size):
-            group = [tuple(slice(s, s + p) for s, p in zip(pos, self.patch_size, strict=True))
-                     for pos in windows[start:start + self.sw_batch_size]]
-            batch = torch.stack([padded[(slice(None), *sl)] for sl in group]).to(self.device)
-            logits = self.window_predictor(batch).to(stitch)
-            if out is None:
-                out = torch.zeros((logits.shape[1], *padded.shape[1:]), device=stitch, dtype=dtype)
-                # a large volume: the heap's free blocks go back after each window (peak over speed)
-                trim = tuned and out.numel() * out.element_size() > TRIM_LOGITS_ABOVE
-            for sl, part in zip(group, logits, strict=True):
-                out[(slice(None), *sl)] += part.mul_(weight)
-                total[sl] += total_weight
-            del batch, logits
-            if trim:
-                release_free_heap()
+
+        def final_rows(stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+            """Rows [band.start, stop) of the padded volume, divided, cropped to the image's rows."""
+            assert band is not None
+            rows = band.finish(stop)
+            lo, hi = max(band.start, crop[axis].start), min(stop, crop[axis].stop)
+            if hi > lo:
+                index = [slice(None), *crop]
+                index[1 + axis] = slice(lo - band.start, hi - band.start)
+                yield lo - crop[axis].start, rows[tuple(index)]
+
+        for level in levels:
+            if band is not None and level[0][axis] > band.start:
+                yield from final_rows(level[0][axis])
+                band.advance(level[0][axis])
+            for start in range(0, len(level), self.sw_batch_size):
+                group = [tuple(slice(s, s + p) for s, p in zip(pos, self.patch_size, strict=True))
+                         for pos in level[start:start + self.sw_batch_size]]
+                batch = torch.stack([padded[(slice(None), *sl)] for sl in group]).to(self.device)
+                logits = self.window_predictor(batch).to(stitch)
+                if band is None:
+                    band = BlendBand(logits.shape[1], padded.shape[1:], axis, depth or size, dtype, weight_dtype,
+                                     stitch)
+                    # a large volume: the heap's free blocks go back after each window (peak over speed; a
+                    # band's windows otherwise leave up to twice their temporaries in the heap's free holes)
+                    trim = tuned and (banded or band.nbytes() > TRIM_LOGITS_ABOVE)
+                for sl, part in zip(group, logits, strict=True):
+                    band.add(sl, part, weight, weight_sum)
+                del batch, logits
+                if trim:
+                    release_free_heap()
         del padded
-        for channel in out:  # in place, a channel at a time: no full-volume temporary when dtypes differ
-            torch.div(channel, total, out=channel)
-        return out[(slice(None), *[slice(lo, lo + n) for lo, n in zip(below, shape, strict=True)])].contiguous()
+        yield from final_rows(size)

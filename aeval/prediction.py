@@ -17,9 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from aeval.console import console
 from aeval.cpu import set_torch_threads
-from aeval.data.nnunet_preprocess import nnunet_gaussian, preprocess_nnunet, restore_nnunet
+from aeval.data.nnunet_preprocess import nnunet_gaussian, nnunet_rows_axis, preprocess_nnunet, restore_nnunet
 from aeval.data.preprocess import preprocess_image
-from aeval.data.restore import restore_to_original
+from aeval.data.restore import restore_to_original, rows_axis
 from aeval.errors import CaseError, FailureLog
 from aeval.inference import SlidingWindowPredictor
 from aeval.labels import remap
@@ -124,13 +124,14 @@ def predict_file(predictor: SlidingWindowPredictor, model: LoadedModel, path: Pa
             image, properties = preprocess_nnunet(img, model.plan, str(path))
         else:
             image, properties = preprocess_image(img, model.plan)
+        # the logits arrive in final slabs along the axis the restore reads (a band of them for a large volume)
+        axis = nnunet_rows_axis(properties) if nnunet else rows_axis(properties)
         try:
-            logits = predictor(torch.from_numpy(image))
+            logits = predictor.slabs(torch.from_numpy(image), axis)
         except ValueError as err:
             raise CaseError(path, str(err)) from None
-        del image
         segmentation = restore_nnunet(logits, properties) if nnunet else restore_to_original(logits, properties)
-        del logits
+        del logits, image
     except (MemoryError, torch.OutOfMemoryError):  # host or GPU: this case is too large, the next may fit
         raise CaseError(path, "out of memory (try inference.stitch_device=cpu or fewer mirror_axes)") from None
     if to_system:

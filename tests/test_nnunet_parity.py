@@ -44,6 +44,9 @@ CASES = {
     "LPS": ("LPS", (1.0, 1.2, 2.5), (40, 36, 20), (3.0, 2.0, 2.0), (0, 1, 2)),
     "permuted": ("SPL", (2.5, 1.2, 1.0), (20, 36, 40), (3.0, 2.0, 2.0), (2, 0, 1)),
     "separate_z": ("LPS", (0.8, 0.8, 4.0), (48, 48, 10), (3.0, 2.0, 2.0), (0, 1, 2)),
+    # long enough along the axis restore reads for several rows of windows: 0, and 2 (the 4 mm axis, apart)
+    "long": ("LPS", (1.0, 1.0, 1.0), (40, 36, 60), (1.0, 1.0, 1.0), (0, 1, 2)),
+    "long_separate_z": ("LPS", (4.0, 1.0, 1.0), (24, 36, 20), (1.0, 1.0, 1.0), (0, 1, 2)),
 }
 
 
@@ -103,6 +106,28 @@ def test_segmentation_and_softmax_match_nnunet_predictor(tmp_path, monkeypatch, 
     fp32 = make_predictor(model, {**inference, "accumulate": "fp32"})
     mine = fp32(torch.from_numpy(preprocess_nnunet(nib.load(path), model.plan)[0]))
     assert (mine.softmax(0) - reference.float().softmax(0)).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("name", ["long", "long_separate_z"])
+def test_logits_in_slabs_give_nnunets_segmentation(tmp_path, monkeypatch, name):
+    """A volume too large to hold its logits is blended in a band one patch deep and restored as the rows
+    arrive (``inference.SLAB_LOGITS_ABOVE`` lowered to stream these small ones): along axis 0 (where nnU-Net's
+    arrays have their low-resolution axis) exactly the labels of the whole-volume blend, else >= 99.9 % nnU-Net's."""
+    from aeval import inference
+
+    path, plans = write_case(tmp_path, name)
+    net = tiny_net(POOLS)
+    seg, _, _ = nnunet_predict(nnunet_predictor(net, plans, dataset_json(), True), path)
+    model = load_model(write_v2_model(tmp_path / "model", net, plans))
+    whole = np.asarray(nib.load(predict_files(model, [path], tmp_path / "whole", inference=FP32)[0]).dataobj)
+    monkeypatch.setattr(inference, "SLAB_LOGITS_ABOVE", 0)
+    banded = np.asarray(nib.load(predict_files(model, [path], tmp_path / "banded", inference=FP32)[0]).dataobj)
+    assert banded.shape == seg.shape and len(np.unique(seg)) > 1
+    if name == "long":
+        assert (banded == seg).mean() >= 0.9999
+        np.testing.assert_array_equal(banded, whole)
+    else:  # along axis 2 a voxel's windows are summed in another order than nnU-Net's, in fp16 (3 of 17 280 here)
+        assert (banded == seg).mean() >= 0.999 and (whole == seg).mean() >= 0.9999
 
 
 def test_reorient_ras_matches_nnunet_on_the_canonical_file(tmp_path):

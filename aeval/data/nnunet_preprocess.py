@@ -19,7 +19,7 @@ Equality with nnU-Net itself is tested in ``tests/test_nnunet_parity.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
@@ -30,6 +30,7 @@ from scipy import ndimage
 from aeval.data.geometry import from_ras, ras_order, ras_transform, resampled_argmax, to_ras
 from aeval.errors import CaseError
 from aeval.nifti import read_array, spacing_of
+from aeval.slabs import LogitSlabs, channel_readers
 
 ANISO_THRESHOLD = 3.0
 EPS = 1e-8
@@ -192,9 +193,24 @@ def preprocess_nnunet(img: nib.Nifti1Image, plan: Mapping[str, Any], path: str =
     return np.ascontiguousarray(image, dtype=np.float32), properties
 
 
-def restore_nnunet(logits: torch.Tensor | np.ndarray, properties: Mapping[str, Any]) -> np.ndarray:
+def nnunet_export_axis(properties: Mapping[str, Any]) -> int | None:
+    """nnU-Net's separately resampled axis on the way back (``None``: all axes together)."""
+    export = properties["export"]
+    first = "current" if export["first"] == "target" else "new"
+    return separate_z(properties["target_spacing"], properties["spacing"], export["force_separate_z"], first)
+
+
+def nnunet_rows_axis(properties: Mapping[str, Any]) -> int:
+    """The axis :func:`restore_nnunet` reads logits along, a few rows at a time (what a predictor handing over
+    logits in slabs must slab along): the separately resampled axis, else 0."""
+    axis = nnunet_export_axis(properties)
+    return 0 if axis is None else axis
+
+
+def restore_nnunet(logits: torch.Tensor | np.ndarray | LogitSlabs, properties: Mapping[str, Any]) -> np.ndarray:
     """Network output (K, ...) in nnU-Net's preprocessed space -> uint8 class map in the input's nibabel
-    array geometry (linear resampling of the K channels and argmax a few slices at a time)."""
+    array geometry (linear resampling of the K channels and argmax a few slices at a time; fp16 logits are
+    resampled as nnU-Net resamples them, rounded to fp16)."""
     if list(logits.shape[1:]) != list(properties["shape_after_resample"]):
         raise ValueError(f"logits have spatial shape {list(logits.shape[1:])}, expected "
                          f"{properties['shape_after_resample']}")
@@ -203,21 +219,10 @@ def restore_nnunet(logits: torch.Tensor | np.ndarray, properties: Mapping[str, A
         raise ValueError(f"export resampling of order {export['order']} / order_z {export['order_z']} is not "
                          "supported (nnU-Net's default is 1 / 0)")
     cropped_shape = properties["shape_after_cropping_and_before_resampling"]
-    first = "current" if export["first"] == "target" else "new"
-    axis = separate_z(properties["target_spacing"], properties["spacing"], export["force_separate_z"], first)
-    lead = 0 if axis is None else axis
+    lead = nnunet_rows_axis(properties)
     out_shape = [cropped_shape[lead]] + [n for a, n in enumerate(cropped_shape) if a != lead]
-
-    def channel(c: int) -> Callable[[int, int], torch.Tensor]:
-        def slab(lo: int, hi: int) -> torch.Tensor:
-            index: list[slice] = [slice(None)] * 3
-            index[lead] = slice(lo, hi)
-            part = logits[c][tuple(index)]
-            part = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.asarray(part, np.float32))
-            return part.detach().movedim(lead, 0)  # fp16 stays fp16: resampled_argmax rounds as nnU-Net
-        return slab
-
-    index = resampled_argmax([channel(c) for c in range(logits.shape[0])], [logits.shape[1 + lead]], out_shape, axis)
+    readers = channel_readers(logits, lead, keep_half=True)
+    index = resampled_argmax(readers, [logits.shape[1 + lead]], out_shape, nnunet_export_axis(properties))
     segmentation = np.zeros(properties["shape_before_cropping"], dtype=np.uint8)
     segmentation[tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])] = np.moveaxis(index, 0, lead)
     segmentation = segmentation.transpose(properties["transpose_backward"]).transpose(2, 1, 0)

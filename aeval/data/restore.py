@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from aeval.data.geometry import from_ras, move_z, resample_labels, resampled_argmax
+from aeval.slabs import LogitSlabs, channel_readers
 
 
 def _paste_back(cropped: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
@@ -29,27 +30,21 @@ def _check_preprocessed_shape(shape: Sequence[int], properties: dict[str, Any], 
                          f"{properties['shape_after_resample']}")
 
 
-def restore_to_original(logits: torch.Tensor | np.ndarray, properties: dict[str, Any]) -> np.ndarray:
+def rows_axis(properties: dict[str, Any]) -> int:
+    """The axis :func:`restore_to_original` reads logits along, a few rows at a time: the plan's separately
+    resampled z axis, else axis 0 (what a predictor handing over logits in slabs must slab along)."""
+    return move_z(properties["shape_after_crop"], properties["z_axis"])[1]
+
+
+def restore_to_original(logits: torch.Tensor | np.ndarray | LogitSlabs, properties: dict[str, Any]) -> np.ndarray:
     """Logits/probabilities (C,X,Y,Z) in preprocessed space -> uint8 class map in the original array
     geometry: linear resampling to the cropped region and argmax, a few slices at a time (memory stays
-    far below C x the full volume; a GPU tensor is resampled on its GPU), pasted into the full volume,
-    RAS reorientation undone."""
+    far below C x the full volume; a GPU tensor is resampled on its GPU; :class:`LogitSlabs` are read as they
+    arrive), pasted into the full volume, RAS reorientation undone."""
     _check_preprocessed_shape(logits.shape[1:], properties, "logits")
-    z_axis = properties["z_axis"]
-    moved_out, first = move_z(properties["shape_after_crop"], z_axis)
-
-    def channel(c: int) -> Callable[[int, int], torch.Tensor]:
-        def slab(lo: int, hi: int) -> torch.Tensor:
-            index = [slice(None)] * 3
-            index[first] = slice(lo, hi)
-            part = logits[c][tuple(index)]
-            if isinstance(part, torch.Tensor):
-                return part.detach().float().movedim(first, 0)
-            return torch.from_numpy(np.array(part, dtype=np.float32)).movedim(first, 0)
-        return slab
-
-    index = resampled_argmax([channel(c) for c in range(logits.shape[0])], [logits.shape[1 + first]],
-                             moved_out, z_axis)
+    moved_out, first = move_z(properties["shape_after_crop"], properties["z_axis"])
+    index = resampled_argmax(channel_readers(logits, first), [logits.shape[1 + first]], moved_out,
+                             properties["z_axis"])
     return _paste_back(np.moveaxis(index, 0, first), properties)
 
 

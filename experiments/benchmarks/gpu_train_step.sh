@@ -8,18 +8,8 @@
 # Needs torch (step 1) and lightning (step 2) installed; the other packages may come as wheels in .whl/
 # (as in gpu_session.sh). Logs and result.json go to $OUT (default /tmp/gpu_out).
 set -u
-OUT=${OUT:-/tmp/gpu_out}
-PYTHON=${PYTHON:-python3}
 WORK=${WORK:-/tmp/aeval_gpu_train}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source experiments/benchmarks/gpu_env.sh
 
 echo "== STU-Net S/B/L training step, 128^3, batch 2, bf16 autocast"
 timeout 200 $PYTHON experiments/benchmarks/gpu_stunet.py --device cuda --sizes s,b,l --patch 128 --batch 2 \

@@ -8,13 +8,18 @@ Gaussian weighting), logits resampled back and argmaxed, written as uint8 NIfTI.
 with random weights and 14 classes. ``--mirror`` adds the 8-flip TTA (on a CPU a 128^3 window's flips go
 through the network one per forward, ``inference.network_batch_size`` auto), which multiplies the time by 8
 and adds one window's summed logits, not another full-volume buffer. ``--accumulate`` is
-``inference.accumulate`` (auto: fp16 full-volume logits once fp32 ones would exceed 2 GiB).
+``inference.accumulate``. A volume whose fp32 logits would exceed ``inference.SLAB_LOGITS_ABOVE`` (1 GiB) is blended
+in a band one patch deep and restored as its rows become final (``SlidingWindowPredictor.slabs``);
+``--check-labels`` predicts it a second time holding the whole volume's fp32 logits (the path without bands) and
+prints that run's peak and the share of voxels whose labels agree.
 
 The prediction runs in a child process, so its peak RSS (``ru_maxrss``, and VmHWM) does not include
 building the volume; the child also reports its RSS after imports and model construction.
 
     python experiments/benchmarks/predict_memory.py                                  # target 1.5 mm iso
     python experiments/benchmarks/predict_memory.py --target-spacing 0.8,0.8,2.5 --net pointwise
+    python experiments/benchmarks/predict_memory.py --threads 1 --net pointwise --target-spacing 0.8,0.8,1.0 \
+        --mirror --check-labels                                                      # issue 14's 4 GB target
 ``--net pointwise`` swaps STU-Net-S for a 1x1x1 convolution to 14 classes: every buffer of the pipeline
 stays the same, only the network's per-window activations and its compute go, so large resampled volumes
 can be measured in minutes (add STU-Net-S's per-window activations, printed with ``--net s``).
@@ -111,6 +116,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from torch import nn
 
+    from aeval import inference
     from aeval.cpu import inference_allocator
     from aeval.data.geometry import resampled_shape
     from aeval.models.load import LoadedModel
@@ -119,6 +125,8 @@ def child(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.whole:  # the reference: the whole volume's logits held in fp32, no bands
+        inference.SLAB_LOGITS_ABOVE = float("inf")
     torch.manual_seed(0)
     plan = benchmark_plan(args.target_spacing, args.patch)
     if args.net == "pointwise":
@@ -126,8 +134,9 @@ def child(args: argparse.Namespace) -> dict:
     else:
         net = build_stunet(args.net, 1, 14, pool_op_kernel_sizes=plan["pool_op_kernel_sizes"])
     model = LoadedModel(net, plan, "flare22")
-    predictor = make_predictor(model, {"mirror_axes": [0, 1, 2] if args.mirror else [], "precision": args.precision,
-                                       "device": "cpu", "accumulate": args.accumulate})
+    mirror_axes = (args.mirror_axes or [0, 1, 2]) if args.mirror else []
+    predictor = make_predictor(model, {"mirror_axes": mirror_axes, "precision": args.precision, "device": "cpu",
+                                       "accumulate": "fp32" if args.whole else args.accumulate})
     net.eval()
     window_activation_mib = None
     if args.net != "pointwise":  # the network's own share: RSS growth of one window's forward
@@ -159,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--mirror", action="store_true", help="8-flip mirror TTA")
+    parser.add_argument("--mirror-axes", type=lambda t: [int(a) for a in t.split(",")],
+                        help="with --mirror: these axes only (e.g. 0: 2 flips, the same buffers as 8 at a 128^3 "
+                             "patch, where the flips go through the network one at a time, in a quarter of the time)")
     parser.add_argument("--accumulate", default="auto", choices=["auto", "fp32", "fp16"])
+    parser.add_argument("--check-labels", action="store_true",
+                        help="predict again holding the whole volume's fp32 logits; compare the labels")
+    parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/aeval_predict_memory"))
     parser.add_argument("--volume", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -172,24 +187,38 @@ def main(argv: list[str] | None = None) -> int:
     if not volume.exists():
         print(f"writing {volume}", flush=True)
         write_volume(volume, args.shape, args.spacing)
-    command = [sys.executable, __file__, "--volume", str(volume), "--out", str(args.workdir / "pred.nii.gz"),
-               *(argv if argv is not None else sys.argv[1:])]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode:
-        print(result.stdout + result.stderr, file=sys.stderr)
-        return result.returncode
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--check-labels"]
+    runs = {"this": []} | ({"whole volume, fp32": ["--whole"]} if args.check_labels else {})
+    reports = {}
+    for name, extra in runs.items():
+        out = args.workdir / f"pred_{'whole' if extra else 'this'}.nii.gz"
+        command = [sys.executable, __file__, "--volume", str(volume), "--out", str(out), *forwarded, *extra]
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode:
+            print(result.stdout + result.stderr, file=sys.stderr)
+            return result.returncode
+        reports[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    report = reports["this"]
     print(f"date {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"volume {args.shape} at {args.spacing} mm -> target {args.target_spacing} mm "
           f"(resampled before the body crop: {report['resampled_shape_before_crop']}), patch {args.patch}, "
           f"net {args.net}, {report['precision']}, {report['threads']} thread(s), {report['flips']} flip(s), "
           f"accumulate {args.accumulate}")
-    print(f"peak RSS {report['peak_rss_mib']:.0f} MiB (VmHWM {report['vm_hwm_mib']:.0f}); "
-          f"RSS before predicting {report['rss_before_predict_mib']:.0f} MiB; "
-          f"one window's forward grew RSS by {report['window_forward_growth_mib'] or 0:.0f} MiB; "
-          f"{report['seconds']:.0f} s")
+    for name, run in reports.items():
+        print(f"{name}: peak RSS {run['peak_rss_mib']:.0f} MiB (VmHWM {run['vm_hwm_mib']:.0f}); "
+              f"RSS before predicting {run['rss_before_predict_mib']:.0f} MiB; "
+              f"one window's forward grew RSS by {run['window_forward_growth_mib'] or 0:.0f} MiB; "
+              f"{run['seconds']:.0f} s")
+    if args.check_labels:
+        import nibabel as nib
+
+        this, whole = (np.asarray(nib.load(reports[name]["written"]).dataobj) for name in reports)
+        report["labels_agree_with_whole_fp32"] = float((this == whole).mean())
+        report["whole_fp32_peak_rss_mib"] = reports["whole volume, fp32"]["peak_rss_mib"]
+        print(f"labels equal to the whole-volume fp32 path on {100 * report['labels_agree_with_whole_fp32']:.4f} % "
+              f"of {this.size} voxels ({int((this != whole).sum())} differ)")
     print(json.dumps(report))
     return 0
 
