@@ -220,12 +220,13 @@ class SlidingWindowPredictor:
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return self.device if needed <= GPU_STITCH_SHARE * free else torch.device("cpu")
 
-    def _volume_bytes(self, spatial_shape: Sequence[int], bytes_per_value: int) -> int:
-        """Bytes of ``(K, *spatial_shape)`` logits (padded to the patch), K probed only when it matters."""
+    def _fp32_logits_exceed(self, spatial_shape: Sequence[int], limit: float) -> bool:
+        """Whether fp32 ``(K, *spatial_shape)`` logits (padded to the patch) take more than ``limit`` bytes; the
+        class count K is probed only when it matters."""
         voxels = math.prod(max(int(n), p) for n, p in zip(spatial_shape, self.patch_size, strict=True))
-        if 256 * bytes_per_value * voxels <= min(FP32_LOGITS_LIMIT, SLAB_LOGITS_ABOVE):
-            return voxels * bytes_per_value  # small whatever the class count (uint8 labels): no probe
-        return self.num_classes() * bytes_per_value * voxels
+        if 256 * 4 * voxels <= limit:  # small whatever the class count (uint8 labels): no probe
+            return False
+        return self.num_classes() * 4 * voxels > limit
 
     def accumulator_for(self, spatial_shape: Sequence[int]) -> torch.dtype:
         """The dtype of the logit sums over ``spatial_shape`` (the volume, or a band of it): ``accumulate``,
@@ -235,7 +236,7 @@ class SlidingWindowPredictor:
             return torch.float16 if self.accumulate == "fp16" else torch.float32
         if self.tiling == "nnunet":
             return torch.float16
-        return torch.float16 if self._volume_bytes(spatial_shape, 4) > FP32_LOGITS_LIMIT else torch.float32
+        return torch.float16 if self._fp32_logits_exceed(spatial_shape, FP32_LOGITS_LIMIT) else torch.float32
 
     @contextlib.contextmanager
     def _prepared(self) -> Iterator[None]:
@@ -271,7 +272,7 @@ class SlidingWindowPredictor:
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
         if stream is None:
-            stream = self._volume_bytes(image.shape[1:], 4) > SLAB_LOGITS_ABOVE
+            stream = self._fp32_logits_exceed(image.shape[1:], SLAB_LOGITS_ABOVE)
         if not stream:
             with self._prepared():
                 return LogitSlabs.whole(self._predict(image), axis)
