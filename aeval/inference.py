@@ -217,19 +217,21 @@ class SlidingWindowPredictor:
             return torch.device("cpu")
         if self.stitch_device == "cuda":
             return self.device
-        voxels = 1
-        for size, patch in zip(spatial_shape, self.patch_size, strict=True):
-            voxels *= max(size, patch)
+        voxels = math.prod(self._padded(spatial_shape))
         logits_bytes = torch.empty((), dtype=self.accumulator_for(spatial_shape)).element_size()
         needed = (self.num_classes() * logits_bytes + 4) * voxels  # the logits and an fp32 weight map
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return self.device if needed <= GPU_STITCH_SHARE * free else torch.device("cpu")
 
+    def _padded(self, spatial_shape: Sequence[int]) -> list[int]:
+        """The shape windows are blended over: ``spatial_shape`` zero-padded to at least the patch."""
+        return [max(int(n), p) for n, p in zip(spatial_shape, self.patch_size, strict=True)]
+
     def _fp32_logits_exceed(self, spatial_shape: Sequence[int], limit: float) -> bool:
         """Whether fp32 ``(K, *spatial_shape)`` logits (padded to the patch) take more than ``limit`` bytes; the
         class count K is probed only when it matters."""
-        voxels = math.prod(max(int(n), p) for n, p in zip(spatial_shape, self.patch_size, strict=True))
+        voxels = math.prod(self._padded(spatial_shape))
         if 256 * 4 * voxels <= limit:  # small whatever the class count (uint8 labels): no probe
             return False
         return self.num_classes() * 4 * voxels > limit
@@ -284,7 +286,7 @@ class SlidingWindowPredictor:
         if not stream:
             with self._prepared():
                 return LogitSlabs.whole(self._predict(image), axis)
-        band = [max(int(n), p) for n, p in zip(image.shape[1:], self.patch_size, strict=True)]
+        band = self._padded(image.shape[1:])
         band[axis] = self.patch_size[axis]
         dtype = self.accumulator_for(band)
         stitch = self.stitch_device_for(band)
@@ -342,11 +344,11 @@ class SlidingWindowPredictor:
         steps = (nnunet_steps(padded.shape[1:], self.patch_size, 1 - self.overlap) if nnunet else
                  monai_steps(padded.shape[1:], self.patch_size, self.overlap))
         banded = depth is not None and depth < size
-        # in the band's order: by start along ``axis`` (stable, so nnU-Net's order within a row of windows)
-        windows = sorted(itertools.product(*steps), key=lambda start: start[axis]) if banded else \
-            list(itertools.product(*steps))
-        levels = [list(group) for _, group in itertools.groupby(windows, key=lambda start: start[axis])] \
-            if banded else [windows]
+        windows = list(itertools.product(*steps))
+        levels = [windows]
+        if banded:  # by start along ``axis`` (a stable sort: nnU-Net's order within a row of windows)
+            windows.sort(key=lambda start: start[axis])
+            levels = [list(group) for _, group in itertools.groupby(windows, key=lambda start: start[axis])]
         weight = self.importance_map.to(stitch)
         if not nnunet:
             weight = weight.clamp(min=max(float(weight[weight > 0].min()), 1e-3))

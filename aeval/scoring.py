@@ -38,7 +38,6 @@ from aeval.surface import surfel_area_table
 log = logging.getLogger(__name__)
 
 
-
 def _nifti_files(folder: Path, failures: FailureLog, mask_folders: bool = False) -> tuple[dict[str, Path], set[str]]:
     """The folder's NIfTI files by case, and the cases two files claim (one failure line each, left out). With
     ``mask_folders``, a subfolder ``<case>/`` of per-structure masks (TotalSegmentator's output) is a case too."""

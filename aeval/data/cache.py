@@ -33,8 +33,6 @@ from aeval.plan import Plan
 log = logging.getLogger(__name__)
 
 
-
-
 CACHE_MANIFEST = "cache.json"
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aeval.keys import model_size
+
 NUM_STAGES = 6
 DEFAULT_POOLS: list[list[int]] = [[2, 2, 2]] * (NUM_STAGES - 1)
 
@@ -143,7 +145,7 @@ def build_stunet(size: str, in_channels: int, num_classes: int,
                  pool_op_kernel_sizes: Sequence[Sequence[int]] | None = None,
                  deep_supervision: bool = True) -> STUNet:
     """STU-Net of a published size (``s``, ``b``, ``l``, ``h``) or ``tiny``; pools default to [[2,2,2]]*5."""
-    key = size.lower().removeprefix("stu_")
+    key = model_size(size)
     if key not in STUNET_SIZES:
         raise ValueError(f"unknown STU-Net size {size!r}; choose from {sorted(STUNET_SIZES)}")
     dims, depth = STUNET_SIZES[key]
